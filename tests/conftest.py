@@ -12,3 +12,11 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 def load(name: str):
     """importlib.import_module for a numbered file, e.g. load("02_model")."""
     return importlib.import_module(name)
+
+# Generated checkpoints (presets `tiny`, `demo`) go to a throwaway folder, never the user's cache.
+if "NANO_VLLM_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["NANO_VLLM_CACHE"] = tempfile.mkdtemp(prefix="nano-vllm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["NANO_VLLM_CACHE"], True)

@@ -1,0 +1,323 @@
+"""
+engine.py - the whole serving engine, assembled from the numbered files.
+
+    requests ──> Scheduler (05) ──> ModelRunner ──> Sampler (06) ──> stop checks ──> outputs
+                    │   picks this step's tokens      │ packs them, runs Qwen3 (02) over
+                    │   under the token budget        │ the paged KV cache (04)
+                    └── BlockManager (04): blocks, prefix cache, preemption
+
+One call to `LLMEngine.step()` is one model forward over every token the scheduler picked:
+prefill chunks of new requests and one token for each decoding request, packed back to back.
+Logits are computed only at the positions that sample (the last token of each sequence whose
+KV is now complete), the sampler draws one token for each, and finished requests leave the
+batch at once: the next step may already contain a request that arrived meanwhile.
+
+Hook points: `engine.observers` is a list of objects with an `on_event(event: str, data: dict)`
+method. The teaching modes (modes/) subscribe there; the engine never imports them. Every
+emission site is guarded by `if self.observers:`, so with nobody listening the cost is one
+falsy check: no strings built, no dicts, no `.item()`.
+
+Speed: on CUDA, decode steps replay CUDA graphs captured per batch-size bucket (the Python and
+kernel-launch overhead of 28 layers disappears); `--enforce-eager` turns that off. On CPU,
+`--compile` runs the model through torch.compile (inductor, weights frozen as constants, the
+max-autotune C++ GEMM templates), with token counts padded to buckets so a handful of shapes
+are compiled once and replayed.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+tokenize = importlib.import_module("01_tokenize")
+qwen3 = importlib.import_module("02_model")
+paged = importlib.import_module("04_paged_attention")
+sched = importlib.import_module("05_scheduler")
+sampling = importlib.import_module("06_sampling")
+
+SamplingConfig = sampling.SamplingConfig
+Sequence, SequenceStatus = sched.Sequence, sched.SequenceStatus
+
+
+@dataclass
+class EngineConfig:
+    model: str = "Qwen/Qwen3-0.6B"        # a local HF folder, a hub id, or a preset: "demo", "tiny"
+    dtype: str = "auto"                    # auto | float32 | bfloat16 | float16
+    device: str = "auto"                   # auto | cpu | cuda | mps
+    block_size: int = 16
+    num_kv_blocks: int | None = None       # None: from kv_cache_memory_gb, or free GPU memory on CUDA
+    kv_cache_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None       # None: min(the model's max positions, 4096)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False            # CUDA: no CUDA graphs
+    compile: bool = False                  # CPU/CUDA: torch.compile the model
+
+    def validate(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.dtype not in ("auto", *qwen3.DTYPES):
+            raise ValueError(f"dtype {self.dtype!r} is not one of auto, {', '.join(qwen3.DTYPES)}")
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None       # "stop" | "length" while running: None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def resolve_model(name: str) -> str:
+    """A local folder for a preset name, a folder, or a hub id (see 02_model.download_model)."""
+    if name in qwen3.PRESETS:
+        return qwen3.preset_checkpoint(name)
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        path = os.path.expanduser(name)
+        if not os.path.isdir(path):
+            raise qwen3.CheckpointError(f"model folder {name!r} does not exist "
+                                        "(allowed: a local folder, a hub id like Qwen/Qwen3-0.6B, demo or tiny)")
+        return path
+    return qwen3.download_model(name)
+
+
+class ModelRunner:
+    """Packs a scheduled batch into flat tensors, runs the model over the paged KV cache and
+    returns logits for the positions that sample."""
+
+    def __init__(self, model, cfg: qwen3.ModelConfig, block_manager: paged.BlockManager, kv_cache,
+                 device: torch.device, max_blocks_per_seq: int):
+        self.model, self.cfg, self.bm, self.kv_cache = model, cfg, block_manager, kv_cache
+        self.device = device
+        self.max_blocks_per_seq = max_blocks_per_seq
+
+    def prepare(self, batch) -> tuple:
+        """The step's flat inputs: input_ids and positions (N,), the paged-attention context
+        (slot_mapping, block_tables, context_lens, cu_seqlens_q: see 04), the packed indices of
+        the positions whose logits are needed, and the sequences they belong to."""
+        input_ids, positions, spans, logits_indices, samplers = [], [], [], [], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            spans.append((seq.seq_id, start, end))
+            if end == seq.num_tokens:       # the sequence's last token: its logits give the next one
+                logits_indices.append(len(input_ids) - 1)
+                samplers.append(seq)
+        ctx = paged.PagedContext.from_spans(self.kv_cache, self.bm, spans)
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
+        return as_tensor(input_ids), as_tensor(positions), ctx, as_tensor(logits_indices), samplers
+
+    @torch.inference_mode()
+    def run(self, batch) -> tuple[torch.Tensor, list]:
+        """Logits (S, vocab) in fp32 for the S sequences that sample this step, and those sequences."""
+        input_ids, positions, ctx, logits_indices, samplers = self.prepare(batch)
+        hidden = self.model(input_ids, positions, ctx)                  # (N, hidden)
+        return self.model.compute_logits(hidden[logits_indices]).float(), samplers
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer=None):
+        config.validate()
+        self.config = config
+        self.device = qwen3.resolve_device(config.device)
+        self.dtype = qwen3.resolve_dtype(config.dtype, self.device)
+        folder = resolve_model(config.model)
+        self.model_path = folder
+        self.model = qwen3.load_model(folder, self.dtype, self.device)
+        self.model_config = mc = self.model.config
+        self.tokenizer = tokenizer or tokenize.load_tokenizer(folder)
+        self.max_model_len = min(config.max_model_len or 4096, mc.max_position_embeddings)
+
+        bytes_per_block = mc.kv_bytes_per_token(self.dtype) * config.block_size
+        self.num_kv_blocks = config.num_kv_blocks or self._auto_num_blocks(bytes_per_block)
+        max_blocks_per_seq = -(-self.max_model_len // config.block_size)
+        if self.num_kv_blocks < max_blocks_per_seq:
+            raise ValueError(f"{self.num_kv_blocks} KV blocks of {config.block_size} tokens cannot hold one sequence "
+                             f"of max_model_len {self.max_model_len}: need at least {max_blocks_per_seq}")
+        self.kv_cache = paged.allocate_kv_cache(mc, self.num_kv_blocks, config.block_size, self.dtype, self.device)
+        self.block_manager = paged.BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = sched.Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, mc, self.block_manager, self.kv_cache, self.device, max_blocks_per_seq)
+        self.sampler = sampling.Sampler()
+        self.observers: list = []
+        self._ids = itertools.count()
+        self._requests: dict[int, tuple[Sequence, RequestOutput, torch.Generator | None]] = {}
+        self.stats = dict(prompt_tokens=0, generated_tokens=0, prefill_tokens=0, prefill_time_s=0.0,
+                          decode_tokens=0, decode_time_s=0.0, steps=0, kv_blocks_peak=0)
+
+    def _auto_num_blocks(self, bytes_per_block: int) -> int:
+        if self.config.kv_cache_memory_gb is not None:
+            return max(1, int(self.config.kv_cache_memory_gb * 2**30 // bytes_per_block))
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_by_others = total - free
+            budget = total * self.config.gpu_memory_utilization - used_by_others - 2**30  # 1 GiB for activations
+            return max(1, int(budget // bytes_per_block))
+        # CPU: room for every sequence slot at max length, capped at 2 GiB (memory is shared with the weights).
+        want = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
+        return max(1, min(want, int(2 * 2**30 // bytes_per_block)))
+
+    # --------------------------------------------------------------- hooks
+
+    def _emit(self, event: str, **data) -> None:
+        for observer in self.observers:
+            observer.on_event(event, data)
+
+    # --------------------------------------------------------------- requests
+
+    def add_request(self, prompt: str | list[int], params: SamplingConfig | None = None) -> int:
+        """Queue one request (a text, encoded as is, or token ids). Raises ValueError for bad
+        parameters; nothing is queued then, and the requests already running are untouched."""
+        params = params or SamplingConfig()
+        params.validate()
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
+                             "so at most {} prompt tokens fit".format(self.max_model_len - 1))
+        bad = [i for i in ids if not 0 <= i < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+        rid = next(self._ids)
+        seq = Sequence(rid, ids, len(ids), params)
+        generator = sampling.make_generator(params.seed, self.device)
+        self._requests[rid] = (seq, RequestOutput(rid, text, list(ids)), generator)
+        self.scheduler.add(seq)
+        self.stats["prompt_tokens"] += len(ids)
+        if self.observers:
+            self._emit("request_added", request_id=rid, prompt=text, prompt_token_ids=ids, sampling=params)
+        return rid
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --------------------------------------------------------------- one step
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, apply stop rules. Returns the outputs of the
+        requests that got a new token this step (finished ones have finish_reason set)."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        if self.observers:
+            for seq in batch.preempted:
+                self._emit("preempted", request_id=seq.seq_id, num_tokens=seq.num_tokens)
+            self._emit("step_scheduled", batch=batch, block_manager=self.block_manager)
+        t0 = time.perf_counter()
+        logits, samplers = self.runner.run(batch)
+        token_list = self.sampler(logits, [s.sampling for s in samplers],
+                                  [self._requests[s.seq_id][2] for s in samplers]).tolist() if samplers else []
+        dt = time.perf_counter() - t0
+        self._account(batch, dt)
+        if self.observers:
+            self._emit("step_done", batch=batch, logits=logits, tokens=token_list, seconds=dt,
+                       block_manager=self.block_manager)
+
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            if self.config.enable_prefix_caching:
+                self.block_manager.commit(seq.seq_id, seq.token_ids[:seq.num_computed_tokens])
+        outputs = []
+        for seq, token in zip(samplers, token_list):
+            seq.token_ids.append(token)
+            out = self._requests[seq.seq_id][1]
+            out.token_ids.append(token)
+            self.stats["generated_tokens"] += 1
+            reason = self._stop_reason(seq, out)
+            if reason is not None:
+                out.finish_reason = reason
+                self.scheduler.finish(seq)
+                del self._requests[seq.seq_id]
+                if self.observers:
+                    self._emit("finished", request_id=seq.seq_id, output=out)
+            outputs.append(out)
+        return outputs
+
+    def _account(self, batch, seconds: float) -> None:
+        st = self.stats
+        st["steps"] += 1
+        decode = sum(1 for seq in batch.seqs if not seq.is_prefill)   # called before num_computed_tokens moves
+        prefill = batch.num_batched_tokens - decode
+        if prefill:   # a step with any prefill counts as prefill time (it is dominated by it)
+            st["prefill_tokens"] += prefill
+            st["prefill_time_s"] += seconds
+        else:
+            st["decode_tokens"] += decode
+            st["decode_time_s"] += seconds
+        st["kv_blocks_peak"] = max(st["kv_blocks_peak"], self.block_manager.num_used_blocks)
+
+    def _stop_reason(self, seq: Sequence, out: RequestOutput) -> str | None:
+        p: SamplingConfig = seq.sampling
+        token = seq.token_ids[-1]
+        if (not p.ignore_eos and token in self.tokenizer.eos_token_ids) or token in p.stop_token_ids:
+            out.text = self.tokenizer.decode(out.token_ids)
+            return "stop"
+        text = self.tokenizer.decode(out.token_ids)
+        if p.stop:
+            for s in p.stop:   # a stop string ends the text just before it
+                cut = text.find(s)
+                if cut != -1:
+                    out.text = text[:cut]
+                    return "stop"
+        out.text = text
+        if len(out.token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    # --------------------------------------------------------------- conveniences
+
+    def generate(self, prompts, params: SamplingConfig | list[SamplingConfig] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in the order of the prompts."""
+        final = {}
+        for _, out in self.stream(prompts, params):
+            if out.finished:
+                final[out.request_id] = out
+        return [final[rid] for rid in sorted(final)]
+
+    def stream(self, prompts, params=None):
+        """Add the prompts, then yield (text_delta, output) each time a request gets a token.
+        text_delta holds back an incomplete UTF-8 character until the next token completes it."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        for prompt, p in zip(prompts, params_list):
+            self.add_request(prompt, p)
+        shown: dict[int, int] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                text = out.text if out.finished else out.text.rstrip("\ufffd")
+                start = shown.get(out.request_id, 0)
+                shown[out.request_id] = max(start, len(text))
+                yield text[start:], out
+
+    def stats_summary(self) -> dict:
+        st = self.stats
+        return {
+            "prompt_tokens": st["prompt_tokens"],
+            "generated_tokens": st["generated_tokens"],
+            "prefill_tokens_per_s": round(st["prefill_tokens"] / st["prefill_time_s"], 2) if st["prefill_time_s"] else 0.0,
+            "decode_tokens_per_s": round(st["decode_tokens"] / st["decode_time_s"], 2) if st["decode_time_s"] else 0.0,
+            "prefix_cache_hit_tokens": self.block_manager.prefix_hit_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+            "kv_blocks_total": self.num_kv_blocks,
+            "kv_blocks_peak": st["kv_blocks_peak"],
+            "steps": st["steps"],
+        }

@@ -1,0 +1,144 @@
+"""engine.py: continuous batching, paging, preemption, prefix caching and chunked prefill must all give
+exactly the tokens of the simplest path (02_model.naive_generate: no cache, batch of one)."""
+import random
+
+import pytest
+import torch
+
+from conftest import load
+
+M = load("02_model")
+E = load("engine")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    transformers = pytest.importorskip("transformers")
+    hf_folder = str(root / "hf")
+    cfg = transformers.Qwen3Config(**{k: v for k, v in M.hf_config_dict(M.PRESETS["tiny-untied"]).items()
+                                      if k not in ("architectures", "model_type", "torch_dtype")})
+    hf = transformers.Qwen3ForCausalLM(cfg)
+    hf.load_state_dict(M.random_state_dict(M.PRESETS["tiny-untied"], 11), strict=False)
+    hf.save_pretrained(hf_folder)
+    return {"tiny": M.make_random_checkpoint(str(root / "tiny"), "tiny", seed=7, dtype="float32"),
+            "hf-saved": hf_folder}
+
+
+def prompts(n=9, seed=0):
+    rng = random.Random(seed)
+    lengths = [1, 3, 16, 17, 40, 5, 33, 64, 9, 2, 24][:n]
+    return [[rng.randrange(151643) for _ in range(k)] for k in lengths]
+
+
+def engine(folder, **kw):
+    cfg = dict(model=folder, dtype="float32", device="cpu", max_model_len=256, num_kv_blocks=128)
+    cfg.update(kw)
+    return E.LLMEngine(E.EngineConfig(**cfg))
+
+
+GREEDY = E.SamplingConfig(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(folders):
+    """naive_generate, one prompt at a time: the tokens every configuration must reproduce."""
+    out = {}
+    for name, folder in folders.items():
+        model = M.load_model(folder, torch.float32)
+        out[name] = [M.naive_generate(model, p, 12) for p in prompts()]
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny", "hf-saved"])
+@pytest.mark.parametrize("setting", [
+    dict(),                                                     # continuous batching, all at once
+    dict(block_size=4, num_kv_blocks=30, max_model_len=96),       # tiny pool: preemption
+    dict(max_num_batched_tokens=7),                             # chunked prefill
+    dict(enable_prefix_caching=False),
+    dict(max_num_seqs=1),                                       # one at a time through the engine
+], ids=["batched", "preemption", "chunked", "no-prefix-cache", "serial"])
+def test_engine_equals_naive_generate(folders, reference, name, setting):
+    eng = engine(folders[name], **setting)
+    outs = eng.generate(prompts(), GREEDY)
+    assert [o.token_ids for o in outs] == reference[name]
+    assert all(o.finish_reason == "length" for o in outs)
+    if "num_kv_blocks" in setting:
+        assert eng.stats_summary()["preemptions"] > 0
+    assert eng.block_manager.num_free_blocks == eng.num_kv_blocks       # everything given back
+
+
+def test_prefix_caching_hits_and_is_identical(folders):
+    system = list(range(500, 540))                       # a 40-token shared "system prompt"
+    ps = [system + [7, 8, 9], system + [1], system + [2, 3, 4, 5, 6], system + [2, 3, 4, 5, 6]]
+    on = engine(folders["tiny"], block_size=8)
+    off = engine(folders["tiny"], block_size=8, enable_prefix_caching=False)
+    a = [o.token_ids for o in on.generate(ps[:1], GREEDY)] + [o.token_ids for o in on.generate(ps[1:], GREEDY)]
+    b = [o.token_ids for o in off.generate(ps, GREEDY)]
+    assert a == b
+    assert on.stats_summary()["prefix_cache_hit_tokens"] >= 3 * 40
+    assert off.stats_summary()["prefix_cache_hit_tokens"] == 0
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(folders):
+    p = E.SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, seed=1234, max_tokens=10, ignore_eos=True)
+    alone = engine(folders["tiny"]).generate([prompts()[4]], p)[0].token_ids
+    others = [E.SamplingConfig(temperature=0.8, max_tokens=7, ignore_eos=True),
+              p, E.SamplingConfig(temperature=0.0, max_tokens=3, ignore_eos=True),
+              E.SamplingConfig(temperature=1.3, seed=5, max_tokens=12, ignore_eos=True)]
+    mixed = engine(folders["tiny"]).generate([prompts()[0], prompts()[4], prompts()[2], prompts()[7]], others)
+    assert mixed[1].token_ids == alone
+    assert len(set(alone)) > 1
+
+
+def test_bad_request_is_rejected_alone(folders):
+    eng = engine(folders["tiny"])
+    eng.add_request(prompts()[2], GREEDY)
+    for bad_prompt, bad_params in [([], GREEDY), (list(range(300)), GREEDY), ([151936], GREEDY),
+                                   ([1, 2], E.SamplingConfig(temperature=-1.0)),
+                                   ([1, 2], E.SamplingConfig(max_tokens=0))]:
+        with pytest.raises(ValueError):
+            eng.add_request(bad_prompt, bad_params)
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += [o for o in eng.step() if o.finished]
+    assert len(outs) == 1 and len(outs[0].token_ids) == 12
+
+
+def test_stop_rules(folders):
+    eng = engine(folders["tiny"])
+    full = eng.generate([prompts()[3]], GREEDY)[0]
+    stop_id = full.token_ids[4]
+    o = eng.generate([prompts()[3]], E.SamplingConfig(temperature=0, max_tokens=12, stop_token_ids=[stop_id]))[0]
+    assert o.finish_reason == "stop" and o.token_ids == full.token_ids[:full.token_ids.index(stop_id) + 1]
+    stop_text = full.text[len(full.text) // 2:][:3]
+    if stop_text:
+        o = eng.generate([prompts()[3]], E.SamplingConfig(temperature=0, max_tokens=12, stop=[stop_text]))[0]
+        assert o.finish_reason == "stop" and o.text == full.text[:full.text.find(stop_text)]
+    o = eng.generate([prompts()[3]], E.SamplingConfig(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    assert o.finish_reason == "length" and len(o.token_ids) == 5
+
+
+def test_stream_deltas_add_up_to_the_text(folders):
+    eng = engine(folders["tiny"])
+    texts, finals = {}, {}
+    for delta, out in eng.stream([prompts()[1], prompts()[5]], GREEDY):
+        texts[out.request_id] = texts.get(out.request_id, "") + delta
+        if out.finished:
+            finals[out.request_id] = out.text
+    assert texts == finals
+
+
+def test_hooks_cost_nothing_when_off_and_see_every_step(folders):
+    eng = engine(folders["tiny"])
+    events = []
+
+    class Recorder:
+        def on_event(self, event, data):
+            events.append(event)
+
+    eng.generate([prompts()[0]], GREEDY)
+    assert events == []
+    eng.observers.append(Recorder())
+    eng.generate([prompts()[0]], GREEDY)
+    assert events.count("step_done") == eng.stats["steps"] // 2 and "finished" in events
