@@ -15,7 +15,18 @@ batch at once: the next step may already contain a request that arrived meanwhil
 Hook points: `engine.observers` is a list of objects with an `on_event(event: str, data: dict)`
 method. The teaching modes (modes/) subscribe there; the engine never imports them. Every
 emission site is guarded by `if self.observers:`, so with nobody listening the cost is one
-falsy check: no strings built, no dicts, no `.item()`.
+falsy check: no strings built, no dicts, no `.item()`. The events, in the order they happen:
+
+    tokenized         request_id, text, token_ids                    (a text prompt was encoded)
+    request_added     request_id, prompt, prompt_token_ids, sampling, waiting
+    preempted         request_id, num_tokens, freed_blocks, num_free_blocks
+    admitted          request_id, num_tokens, cached_tokens, hit_blocks, preempted_before
+    blocks_allocated  request_id, blocks (new), block_table, num_free_blocks
+    prefill           step, chunks [(request_id, start, end)], num_tokens
+    decode            step, request_ids, positions
+    sampled           request_id, token_id, prob, top [(token_id, prob)] (the model's softmax), position, greedy
+    step_done         step, seconds, num_tokens, num_seqs, num_used_blocks, num_free_blocks, running, waiting
+    finished          request_id, output, reason, freed_blocks, cached_blocks, num_free_blocks
 
 Speed: on CUDA, decode steps replay CUDA graphs captured per batch-size bucket (the Python and
 kernel-launch overhead of 28 layers disappears); `--enforce-eager` turns that off. On CPU,
@@ -158,6 +169,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, mc, self.block_manager, self.kv_cache, self.device, max_blocks_per_seq)
         self.sampler = sampling.Sampler()
         self.observers: list = []
+        self._observed_blocks: dict[int, list[int]] = {}   # block tables as observers last saw them
         self._ids = itertools.count()
         self._requests: dict[int, tuple[Sequence, RequestOutput, torch.Generator | None]] = {}
         self.stats = dict(prompt_tokens=0, generated_tokens=0, prefill_tokens=0, prefill_time_s=0.0,
@@ -205,7 +217,10 @@ class LLMEngine:
         self.scheduler.add(seq)
         self.stats["prompt_tokens"] += len(ids)
         if self.observers:
-            self._emit("request_added", request_id=rid, prompt=text, prompt_token_ids=ids, sampling=params)
+            if text is not None:
+                self._emit("tokenized", request_id=rid, text=text, token_ids=ids)
+            self._emit("request_added", request_id=rid, prompt=text, prompt_token_ids=ids, sampling=params,
+                       waiting=len(self.scheduler.waiting))
         return rid
 
     def has_unfinished_requests(self) -> bool:
@@ -220,9 +235,7 @@ class LLMEngine:
         if not batch.seqs:
             return []
         if self.observers:
-            for seq in batch.preempted:
-                self._emit("preempted", request_id=seq.seq_id, num_tokens=seq.num_tokens)
-            self._emit("step_scheduled", batch=batch, block_manager=self.block_manager)
+            self._observe_schedule(batch)
         t0 = time.perf_counter()
         logits, samplers = self.runner.run(batch)
         token_list = self.sampler(logits, [s.sampling for s in samplers],
@@ -230,8 +243,7 @@ class LLMEngine:
         dt = time.perf_counter() - t0
         self._account(batch, dt)
         if self.observers:
-            self._emit("step_done", batch=batch, logits=logits, tokens=token_list, seconds=dt,
-                       block_manager=self.block_manager)
+            self._observe_step(batch, logits, samplers, token_list, dt)
 
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -246,12 +258,62 @@ class LLMEngine:
             reason = self._stop_reason(seq, out)
             if reason is not None:
                 out.finish_reason = reason
+                blocks = list(seq.block_table)
                 self.scheduler.finish(seq)
                 del self._requests[seq.seq_id]
                 if self.observers:
-                    self._emit("finished", request_id=seq.seq_id, output=out)
+                    self._observe_finish(seq, out, blocks)
             outputs.append(out)
         return outputs
+
+    # --------------------------------------------------------------- events (only with observers)
+
+    def _observe_schedule(self, batch) -> None:
+        bm, known = self.block_manager, self._observed_blocks
+        for seq in batch.preempted:
+            freed = known.pop(seq.seq_id, [])
+            self._emit("preempted", request_id=seq.seq_id, num_tokens=seq.num_tokens, freed_blocks=freed,
+                       num_free_blocks=bm.num_free_blocks)
+        step = self.stats["steps"] + 1
+        chunks, decodes = [], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.seq_id not in known:      # admitted this step: the prefix-cache lookup just happened
+                known[seq.seq_id] = []
+                self._emit("admitted", request_id=seq.seq_id, num_tokens=seq.num_tokens,
+                           cached_tokens=seq.num_cached_tokens,
+                           hit_blocks=list(seq.block_table[:seq.num_cached_tokens // bm.block_size]),
+                           preempted_before=seq.num_preemptions)
+            new_blocks = seq.block_table[len(known[seq.seq_id]):]
+            if new_blocks:
+                self._emit("blocks_allocated", request_id=seq.seq_id, blocks=list(new_blocks),
+                           block_table=list(seq.block_table), num_free_blocks=bm.num_free_blocks)
+            known[seq.seq_id] = list(seq.block_table)
+            span = (seq.seq_id, seq.num_computed_tokens, seq.num_computed_tokens + n)
+            (chunks if seq.is_prefill else decodes).append(span)
+        if chunks:
+            self._emit("prefill", step=step, chunks=chunks, num_tokens=sum(e - s for _, s, e in chunks))
+        if decodes:
+            self._emit("decode", step=step, request_ids=[r for r, _, _ in decodes],
+                       positions=[s for _, s, _ in decodes])
+
+    def _observe_step(self, batch, logits, samplers, tokens, seconds) -> None:
+        probs = logits.softmax(-1)                                        # the model's own distribution
+        top_p, top_i = probs.topk(5, dim=-1)
+        for i, (seq, token) in enumerate(zip(samplers, tokens)):
+            self._emit("sampled", request_id=seq.seq_id, token_id=token, prob=float(probs[i, token]),
+                       top=list(zip(top_i[i].tolist(), top_p[i].tolist())), position=seq.num_tokens,
+                       greedy=seq.sampling.greedy)
+        self._emit("step_done", step=self.stats["steps"], seconds=seconds, num_tokens=batch.num_batched_tokens,
+                   num_seqs=len(batch.seqs), num_used_blocks=self.block_manager.num_used_blocks,
+                   num_free_blocks=self.block_manager.num_free_blocks, running=len(self.scheduler.running),
+                   waiting=len(self.scheduler.waiting))
+
+    def _observe_finish(self, seq, out, blocks) -> None:
+        self._observed_blocks.pop(seq.seq_id, None)
+        bm = self.block_manager
+        self._emit("finished", request_id=seq.seq_id, output=out, reason=out.finish_reason,
+                   freed_blocks=blocks, cached_blocks=[b for b in blocks if bm.is_cached(b)],
+                   num_free_blocks=bm.num_free_blocks)
 
     def _account(self, batch, seconds: float) -> None:
         st = self.stats
