@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    g = p.add_argument_group("teaching modes (combinable)")
+    g.add_argument("--narrate", action="store_true", help="plain-language commentary of what the engine does, with its real numbers")
+    g.add_argument("--xray", action="store_true", help="the tensors of each stage: shapes, dtypes, stats, top candidates")
+    g.add_argument("--xray-every", type=int, default=16, help="x-ray every Nth decode step after the first (default: %(default)s)")
+    g.add_argument("--xray-layer", type=int, default=0, help="which layer's attention the x-ray shows (default: %(default)s)")
+    g.add_argument("--dashboard", action="store_true", help="a live view of the engine (rich), refreshed ~10 times a second")
+    g.add_argument("--tutorial", action="store_true", help="a 12-chapter interactive course that runs on the engine")
+    g.add_argument("--chapter", type=int, default=None, help="tutorial: start at chapter N (1-12)")
+    g.add_argument("--progress-file", default=None, help="tutorial: where progress is saved (default: user data folder)")
     g = p.add_argument_group("output")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     g.add_argument("--output", default="text", choices=["text", "json"],
@@ -79,6 +88,10 @@ def check_args(args) -> None:
                 raise UsageError(f"--prompt #{i + 1} is empty: give some text")
     if args.max_tokens <= 0:
         raise UsageError(f"--max-tokens must be a positive integer, got {args.max_tokens}")
+    if args.xray_every <= 0:
+        raise UsageError(f"--xray-every must be a positive integer, got {args.xray_every}")
+    if args.chapter is not None and not 1 <= args.chapter <= 12:
+        raise UsageError(f"--chapter must be between 1 and 12, got {args.chapter}")
     for flag in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_model_len"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
@@ -107,6 +120,27 @@ def load_engine(args, info):
     return engine, model
 
 
+def attach_modes(args, engine):
+    """Subscribe the teaching modes to the engine's hook points. They write to stdout, or to
+    stderr under --output json. Returns the dashboard's live view (a context manager) or a no-op."""
+    from contextlib import nullcontext
+
+    from rich.console import Console
+    console = Console(file=sys.stderr if args.output == "json" else sys.stdout, highlight=False)
+    if args.narrate:
+        from modes.narrator import Narrator
+        engine.observers.append(Narrator(engine, console))
+    if args.xray:
+        from modes.xray import XRay
+        engine.observers.append(XRay(engine, console, every=args.xray_every, layer=args.xray_layer))
+    if args.dashboard:
+        from modes.dashboard import Dashboard
+        dashboard = Dashboard(engine, console)
+        engine.observers.append(dashboard)
+        return dashboard
+    return nullcontext()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # Generated text goes to stdout (to stderr under --output json, where stdout is the JSON alone);
@@ -125,7 +159,11 @@ def main(argv=None) -> int:
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
             max_tokens=args.max_tokens, stop=list(args.stop), ignore_eos=args.ignore_eos)
         params.validate()
+        if args.tutorial:
+            from modes import tutorial
+            return tutorial.main(args)
         engine, model_name = load_engine(args, info)
+        live_view = attach_modes(args, engine)
     except (UsageError, ValueError) as e:   # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -147,14 +185,15 @@ def main(argv=None) -> int:
 
     outputs = {}
     last = None
-    for delta, o in engine.stream([], None):
-        if args.stream and delta:
-            if len(accepted) > 1 and last != o.request_id:
-                show_text(f"\n[{o.request_id}] ", end="")
-            last = o.request_id
-            show_text(delta, end="")
-        if o.finished:
-            outputs[o.request_id] = o
+    with live_view:
+        for delta, o in engine.stream([], None):
+            if args.stream and delta:
+                if len(accepted) > 1 and last != o.request_id:
+                    show_text(f"\n[{o.request_id}] ", end="")
+                last = o.request_id
+                show_text(delta, end="")
+            if o.finished:
+                outputs[o.request_id] = o
     if args.stream:
         show_text()
 
