@@ -109,15 +109,134 @@ def resolve_model(name: str) -> str:
     return qwen3.download_model(name)
 
 
+def bucket(n: int, limit: int) -> int:
+    """The smallest power of two >= n, capped at limit: the shapes compiled code and CUDA graphs
+    are made for. Padding to a few sizes means a handful of compilations instead of one per step."""
+    return min(1 << (n - 1).bit_length(), max(limit, n))
+
+
+class StepAttention:
+    """The attention context compiled code sees. It is one object for the engine's whole life
+    (compiled code is specialised on the objects it sees, so a new one per step would recompile),
+    holding this step's PagedContext and how many of the (padded) tokens are real. Attention
+    itself stays eager (`torch.compiler.disable`): its shapes change every step; the dense
+    layers around it, which move the weights, are what compilation speeds up."""
+
+    def __init__(self):
+        self.ctx: paged.PagedContext | None = None
+        self.num_tokens = 0
+
+    @torch.compiler.disable
+    def attend(self, layer_idx: int, q, k, v):
+        n = self.num_tokens
+        out = self.ctx.attend(layer_idx, q[:n], k[:n], v[:n])                   # (n, H, d)
+        if n < q.shape[0]:                                                      # padding rows: zeros
+            out = torch.cat([out, out.new_zeros(q.shape[0] - n, *out.shape[1:])])
+        return out
+
+
+def configure_inductor(cache_dir: str) -> None:
+    """CPU settings measured to matter for GEMV: weights frozen into the graph as constants
+    (prepacked for oneDNN/AMX) and max-autotune's C++ GEMM templates. Compiled kernels and
+    autotuning results are cached on disk, so a second run starts much faster."""
+    import torch._inductor.config as inductor
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir)
+    inductor.freezing = True
+    inductor.max_autotune = True
+    inductor.max_autotune_gemm_backends = "CPP,ATEN"
+    # every layer is its own compiled region (attention breaks the graph), times the shape buckets
+    torch._dynamo.config.recompile_limit = 4096
+    torch._dynamo.config.accumulated_recompile_limit = 65536
+
+
+class CUDAGraphDecoder:
+    """Decode steps replayed from CUDA graphs, one per batch-size bucket (1, 2, 4, 8, ...).
+
+    A decode step of a 0.6B model is ~200 small kernels; launching them from Python costs more
+    than running them. A CUDA graph records the launches once and replays them with one call.
+    Everything the graph reads must live at fixed addresses with fixed shapes, so the step's
+    inputs are copied into static buffers: input_ids/positions/slot_mapping (B,), context_lens
+    (B,), block_tables (B, max_blocks_per_seq) - the full width, so one graph serves every context
+    length. Rows beyond the real batch are padding: they write their K/V into a scratch block
+    the BlockManager never hands out, and attend to it alone.
+
+    With `capture=False` (CPU, tests) the same buffers and padding run eagerly, which is how
+    everything but the capture itself is tested without a GPU.
+    """
+
+    def __init__(self, model, kv_cache, block_size: int, max_blocks_per_seq: int, max_batch: int,
+                 scratch_block: int, capture: bool):
+        self.model, self.kv_cache = model, kv_cache
+        self.max_batch = bucket(max_batch, max_batch)
+        self.scratch_slot = scratch_block * block_size
+        self.capture = capture
+        device = kv_cache.device
+        B, W = self.max_batch, max_blocks_per_seq
+        self.input_ids = torch.zeros(B, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(B, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((B,), self.scratch_slot, dtype=torch.int64, device=device)
+        self.context_lens = torch.ones(B, dtype=torch.int64, device=device)
+        self.block_tables = torch.full((B, W), scratch_block, dtype=torch.int64, device=device)
+        self.graphs: dict[int, tuple] = {}
+
+    def _forward(self, b: int) -> torch.Tensor:
+        ctx = paged.PagedContext(self.kv_cache, self.slot_mapping[:b], self.block_tables[:b],
+                                 self.context_lens[:b])                          # decode metadata
+        return self.model(self.input_ids[:b], self.positions[:b], ctx)          # (b, hidden)
+
+    def _graph(self, b: int):
+        if b not in self.graphs:
+            self._forward(b)                          # warm up kernels (and the allocator) first
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._forward(b)
+            self.graphs[b] = (graph, out)
+        return self.graphs[b]
+
+    def run(self, input_ids, positions, slot_mapping, block_tables, context_lens) -> torch.Tensor:
+        n = input_ids.shape[0]
+        b = bucket(n, self.max_batch)
+        self.input_ids[:n] = input_ids
+        self.positions[:n] = positions
+        self.slot_mapping[:n] = slot_mapping
+        self.context_lens[:n] = context_lens
+        self.block_tables[:n, :block_tables.shape[1]] = block_tables
+        self.input_ids[n:b] = 0                      # padding rows: scratch slot, context of 1
+        self.positions[n:b] = 0
+        self.slot_mapping[n:b] = self.scratch_slot
+        self.context_lens[n:b] = 1
+        self.block_tables[n:b] = self.scratch_slot // self.kv_cache.shape[3]
+        if not self.capture:
+            return self._forward(b)[:n]
+        graph, out = self._graph(b)
+        graph.replay()
+        return out[:n]
+
+
 class ModelRunner:
     """Packs a scheduled batch into flat tensors, runs the model over the paged KV cache and
-    returns logits for the positions that sample."""
+    returns logits for the positions that sample. Three ways to run the model:
+    eager (always correct, the reference), compiled (`compile`: padded to shape buckets), and
+    decode-only CUDA graphs (on CUDA unless `enforce_eager`)."""
 
     def __init__(self, model, cfg: qwen3.ModelConfig, block_manager: paged.BlockManager, kv_cache,
-                 device: torch.device, max_blocks_per_seq: int):
+                 device: torch.device, max_blocks_per_seq: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 compile: bool = False, cuda_graphs: bool = False, cache_dir: str = ""):
         self.model, self.cfg, self.bm, self.kv_cache = model, cfg, block_manager, kv_cache
         self.device = device
-        self.max_blocks_per_seq = max_blocks_per_seq
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.step_attention = StepAttention()
+        self.compiled = self.compiled_logits = None
+        if compile:
+            if device.type == "cpu":
+                configure_inductor(os.path.join(cache_dir, "inductor"))
+            self.compiled = torch.compile(model, dynamic=False)
+            self.compiled_logits = torch.compile(model.compute_logits, dynamic=False)
+        # the last block of the pool is the CUDA graphs' scratch block (see allocate in LLMEngine)
+        self.graph_decoder = CUDAGraphDecoder(model, kv_cache, block_manager.block_size, max_blocks_per_seq,
+                                              max_num_seqs, kv_cache.shape[2] - 1, capture=True) \
+            if cuda_graphs else None
 
     def prepare(self, batch) -> tuple:
         """The step's flat inputs: input_ids and positions (N,), the paged-attention context
@@ -136,12 +255,34 @@ class ModelRunner:
         as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
         return as_tensor(input_ids), as_tensor(positions), ctx, as_tensor(logits_indices), samplers
 
+    def forward(self, input_ids, positions, ctx, eager: bool = False) -> torch.Tensor:
+        """Final hidden states (N, hidden) of the step's tokens, by the fastest allowed path."""
+        if not eager and self.graph_decoder is not None and not ctx.is_prefill \
+                and input_ids.shape[0] <= self.graph_decoder.max_batch:
+            return self.graph_decoder.run(input_ids, positions, ctx.slot_mapping, ctx.block_tables, ctx.context_lens)
+        if eager or self.compiled is None:
+            return self.model(input_ids, positions, ctx)
+        n = input_ids.shape[0]
+        pad = bucket(n, self.max_num_batched_tokens) - n
+        self.step_attention.ctx, self.step_attention.num_tokens = ctx, n
+        hidden = self.compiled(torch.nn.functional.pad(input_ids, (0, pad)),
+                               torch.nn.functional.pad(positions, (0, pad)), self.step_attention)
+        return hidden[:n]
+
+    def logits(self, hidden: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        if eager or self.compiled_logits is None:
+            return self.model.compute_logits(hidden)
+        n = hidden.shape[0]
+        padded = torch.nn.functional.pad(hidden, (0, 0, 0, bucket(n, n) - n))
+        return self.compiled_logits(padded)[:n]
+
     @torch.inference_mode()
-    def run(self, batch) -> tuple[torch.Tensor, list]:
-        """Logits (S, vocab) in fp32 for the S sequences that sample this step, and those sequences."""
+    def run(self, batch, eager: bool = False) -> tuple[torch.Tensor, list]:
+        """Logits (S, vocab) in fp32 for the S sequences that sample this step, and those sequences.
+        eager=True bypasses compiled code and CUDA graphs (forward hooks only fire in eager code)."""
         input_ids, positions, ctx, logits_indices, samplers = self.prepare(batch)
-        hidden = self.model(input_ids, positions, ctx)                  # (N, hidden)
-        return self.model.compute_logits(hidden[logits_indices]).float(), samplers
+        hidden = self.forward(input_ids, positions, ctx, eager)                 # (N, hidden)
+        return self.logits(hidden[logits_indices], eager).float(), samplers
 
 
 class LLMEngine:
@@ -163,10 +304,15 @@ class LLMEngine:
         if self.num_kv_blocks < max_blocks_per_seq:
             raise ValueError(f"{self.num_kv_blocks} KV blocks of {config.block_size} tokens cannot hold one sequence "
                              f"of max_model_len {self.max_model_len}: need at least {max_blocks_per_seq}")
-        self.kv_cache = paged.allocate_kv_cache(mc, self.num_kv_blocks, config.block_size, self.dtype, self.device)
+        cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
+        # CUDA graphs pad decode batches with rows that write to one extra scratch block
+        self.kv_cache = paged.allocate_kv_cache(mc, self.num_kv_blocks + cuda_graphs, config.block_size,
+                                                self.dtype, self.device)
         self.block_manager = paged.BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = sched.Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, mc, self.block_manager, self.kv_cache, self.device, max_blocks_per_seq)
+        self.runner = ModelRunner(self.model, mc, self.block_manager, self.kv_cache, self.device, max_blocks_per_seq,
+                                  config.max_num_seqs, config.max_num_batched_tokens, compile=config.compile,
+                                  cuda_graphs=cuda_graphs, cache_dir=qwen3.cache_root())
         self.sampler = sampling.Sampler()
         self.observers: list = []
         self._observed_blocks: dict[int, list[int]] = {}   # block tables as observers last saw them
@@ -237,7 +383,8 @@ class LLMEngine:
         if self.observers:
             self._observe_schedule(batch)
         t0 = time.perf_counter()
-        logits, samplers = self.runner.run(batch)
+        eager = bool(self.observers) and any(getattr(o, "needs_eager", False) for o in self.observers)
+        logits, samplers = self.runner.run(batch, eager)
         token_list = self.sampler(logits, [s.sampling for s in samplers],
                                   [self._requests[s.seq_id][2] for s in samplers]).tolist() if samplers else []
         dt = time.perf_counter() - t0

@@ -142,3 +142,31 @@ def test_hooks_cost_nothing_when_off_and_see_every_step(folders):
     eng.observers.append(Recorder())
     eng.generate([prompts()[0]], GREEDY)
     assert events.count("step_done") == eng.stats["steps"] // 2 and "finished" in events
+
+
+def test_cuda_graph_decoder_padding_without_a_gpu(folders):
+    """The CUDA-graph decode path minus the capture: static buffers, batch padded to a bucket with
+    rows that only touch the scratch block. Same hidden states as eager, real blocks untouched."""
+    P = load("04_paged_attention")
+    model = M.load_model(folders["tiny"], torch.float32)
+    cfg, bs, nb = model.config, 4, 40
+    bm = P.BlockManager(nb, bs, enable_prefix_caching=False)
+    kv = P.allocate_kv_cache(cfg, nb + 1, bs, torch.float32, "cpu")
+    ps = prompts(3)
+    with torch.inference_mode():
+        for sid, p in enumerate(ps):                      # prefill each, then reserve a decode slot
+            bm.allocate(sid, p)
+            model(torch.tensor(p), torch.arange(len(p)), P.PagedContext.from_spans(kv, bm, [(sid, 0, len(p))]))
+            bm.append_slots(sid, 1)
+        spans = [(sid, len(p), len(p) + 1) for sid, p in enumerate(ps)]
+        ids, pos = torch.tensor([5, 6, 7]), torch.tensor([len(p) for p in ps])
+        kv_eager = kv.clone()
+        ctx = P.PagedContext.from_spans(kv_eager, bm, spans)
+        eager = model(ids, pos, ctx)
+        dec = E.CUDAGraphDecoder(model, kv, bs, max_blocks_per_seq=32, max_batch=8, scratch_block=nb, capture=False)
+        ctx = P.PagedContext.from_spans(kv, bm, spans)
+        graphed = dec.run(ids, pos, ctx.slot_mapping, ctx.block_tables, ctx.context_lens)   # padded to 4 rows
+    torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kv[:, :, :nb], kv_eager[:, :, :nb], atol=1e-5, rtol=1e-5)  # same K/V written
+    assert kv[:, :, nb].abs().sum() > 0 and kv_eager[:, :, nb].abs().sum() == 0   # padding wrote only scratch
+    assert E.bucket(3, 8) == 4 and E.bucket(9, 12) == 12 and E.bucket(1, 8) == 1

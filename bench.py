@@ -1,0 +1,275 @@
+"""
+bench.py - how fast the engine is on this machine, next to this machine's own limits.
+
+A tok/s figure alone says little: it depends on the machine. So every run also measures the
+machine (memory-read GB/s, matmul GFLOP/s in the run's dtype) and reports each figure as a
+fraction of its roofline:
+
+  - batch-1 decode reads every weight once per token: tok/s <= read GB/s / weight bytes;
+  - prefill is matmul-bound: tok/s <= GFLOP/s / (2 x the parameters a token goes through + attention).
+
+Workloads (seeded, random token ids, ignore_eos so lengths are what was asked for):
+  decode   one request, a short prompt, many new tokens: batch-1 decode tok/s
+  prefill  one long prompt, one new token: prefill tok/s
+  mixed    many requests, prompts and outputs of random lengths, all submitted at once (the
+           offline-batch workload of nano-vllm's bench, scaled to a CPU): output tok/s
+  prefix   requests sharing a long system prompt: with and without the prefix cache
+
+    python bench.py                                   # demo model (Qwen3-0.6B shape), fp32 and bf16 where fast
+    python bench.py --dtype bfloat16 --compile --compare-hf --output json
+    python bench.py --quick                           # smaller workloads, a minute or two
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+
+import torch
+
+import engine as engine_mod
+
+qwen3 = engine_mod.qwen3
+
+
+# ----------------------------------------------------------------------------- the machine
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor() or "unknown", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("unknown", "", "x86_64"):
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    caps = [c for c in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {c}" in flags]
+    return {"cpu": model, "capabilities": caps, "bf16_units": qwen3.cpu_has_bf16(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def best_time(fn, repeat: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def memory_read_gbps(device) -> float:
+    """Streaming read bandwidth: sum a 512 MiB buffer (far larger than any cache)."""
+    x = torch.ones(128 * 2**20, dtype=torch.float32, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t = best_time(lambda: (x.sum(), sync()))
+    return x.nbytes / t / 1e9
+
+
+def matmul_gflops(dtype, device) -> float:
+    """A prefill-shaped GEMM (512 tokens x hidden 1024 -> 3072, Qwen3-0.6B's MLP) in the run's dtype."""
+    a = torch.randn(512, 1024, device=device).to(dtype)
+    b = torch.randn(1024, 3072, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t = best_time(lambda: (a @ b, sync()))
+    return 2 * 512 * 1024 * 3072 / t / 1e9
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads: every parameter once (a tied lm_head is the embedding matrix)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def prefill_flops_per_token(cfg: qwen3.ModelConfig, prompt_len: int) -> float:
+    """2 flops per weight of the decoder layers (the lm_head only runs on the last token), plus
+    attention: QK^T and PV over on average prompt_len/2 keys, for every layer and query head."""
+    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    layer_params = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size     # q, k, v, o; gate, up, down
+    attention = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * prompt_len / 2
+    return 2 * layer_params * cfg.num_hidden_layers + attention
+
+
+# ----------------------------------------------------------------------------- workloads
+
+
+def random_prompts(rng: random.Random, lengths) -> list[list[int]]:
+    return [[rng.randrange(100, 150000) for _ in range(n)] for n in lengths]
+
+
+def run_ours(eng, prompts, max_tokens) -> dict:
+    """Submit everything at once, run to completion; output tok/s over the wall time."""
+    for k in ("prefill_tokens", "prefill_time_s", "decode_tokens", "decode_time_s"):
+        eng.stats[k] = 0 if k.endswith("tokens") else 0.0
+    hits_before = eng.block_manager.prefix_hit_tokens
+    params = [engine_mod.SamplingConfig(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    t = time.perf_counter()
+    outs = eng.generate(prompts, params)
+    wall = time.perf_counter() - t
+    generated = sum(len(o.token_ids) for o in outs)
+    s = eng.stats_summary()
+    return {"wall_s": round(wall, 3), "output_tokens": generated, "output_tok_s": round(generated / wall, 2),
+            "prefill_tok_s": s["prefill_tokens_per_s"], "decode_tok_s": s["decode_tokens_per_s"],
+            "prefix_cache_hit_tokens": eng.block_manager.prefix_hit_tokens - hits_before,
+            "token_ids": [o.token_ids for o in outs]}
+
+
+def run_hf(hf, prompts, max_tokens, batch_size: int) -> dict:
+    """transformers generate on the same requests in static batches (left-padded, greedy, every
+    request running to the batch's longest output: that is what a static batch costs)."""
+    useful, t = 0, time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        ps, ms = prompts[i:i + batch_size], max_tokens[i:i + batch_size]
+        width = max(len(p) for p in ps)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
+        with torch.inference_mode():
+            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(ms), min_new_tokens=max(ms),
+                        do_sample=False, pad_token_id=0)
+        useful += sum(ms)
+    wall = time.perf_counter() - t
+    return {"wall_s": round(wall, 3), "output_tokens": useful, "output_tok_s": round(useful / wall, 2)}
+
+
+def workloads(quick: bool, seed: int) -> dict:
+    rng = random.Random(seed)
+    n_mixed = 16 if quick else 64
+    mixed_lens = [rng.randint(32, 128 if quick else 512) for _ in range(n_mixed)]
+    mixed_out = [rng.randint(16, 64 if quick else 256) for _ in range(n_mixed)]
+    system = random_prompts(rng, [256])[0]
+    n_prefix = 8 if quick else 16
+    return {
+        "decode": (random_prompts(rng, [16]), [32 if quick else 128]),
+        "prefill": (random_prompts(rng, [256 if quick else 512]), [1]),
+        "mixed": (random_prompts(rng, mixed_lens), mixed_out),
+        "prefix": ([system + p for p in random_prompts(rng, [16] * n_prefix)], [32] * n_prefix),
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
+    device = qwen3.resolve_device(args.device)
+    dtype = qwen3.resolve_dtype(dtype_name, device)
+    cfg = engine_mod.EngineConfig(model=args.model, dtype=dtype_name, device=args.device, compile=args.compile,
+                                  max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=512)
+    t = time.perf_counter()
+    eng = engine_mod.LLMEngine(cfg)
+    startup = time.perf_counter() - t
+    wl = workloads(args.quick, args.seed)
+    if args.compile:   # compile every shape bucket before timing anything
+        t = time.perf_counter()
+        run_ours(eng, *wl["mixed"])
+        startup += time.perf_counter() - t
+    result = {"dtype": str(dtype).removeprefix("torch."), "startup_s": round(startup, 1),
+              "memory_read_gb_s": round(memory_read_gbps(device), 1),
+              "matmul_gflop_s": round(matmul_gflops(dtype, device), 1),
+              "weight_bytes": weight_bytes(eng.model)}
+    mc = eng.model_config
+    decode_roof = result["memory_read_gb_s"] * 1e9 / result["weight_bytes"]
+    prompt_len = len(wl["prefill"][0][0])
+    prefill_roof = result["matmul_gflop_s"] * 1e9 / prefill_flops_per_token(mc, prompt_len)
+    for name in args.workloads:
+        prompts, outs = wl[name]
+        r = run_ours(eng, prompts, outs)
+        if name == "prefix":
+            off = engine_mod.LLMEngine(engine_mod.EngineConfig(**{**cfg.__dict__, "enable_prefix_caching": False}))
+            r_off = run_ours(off, prompts, outs)
+            r["no_prefix_cache_output_tok_s"] = r_off["output_tok_s"]
+            r["identical_with_and_without_cache"] = r_off["token_ids"] == r["token_ids"]
+            del off
+        if name == "decode":
+            r["roofline_tok_s"] = round(decode_roof, 2)
+            r["fraction_of_roofline"] = round(r["decode_tok_s"] / decode_roof, 3)
+        if name == "prefill":
+            r["roofline_tok_s"] = round(prefill_roof, 1)
+            r["fraction_of_roofline"] = round(r["prefill_tok_s"] / prefill_roof, 3)
+        r.pop("token_ids")
+        result[name] = r
+        print(f"  {result['dtype']} {name}: {json.dumps(r)}", file=sys.stderr, flush=True)
+    if args.compare_hf:
+        import transformers
+        hf = transformers.AutoModelForCausalLM.from_pretrained(eng.model_path, dtype=dtype).eval().to(device)
+        del eng
+        for name in [w for w in args.workloads if w in ("decode", "mixed")]:
+            prompts, outs = wl[name]
+            r = run_hf(hf, prompts, outs, batch_size=16)
+            result[name]["hf_output_tok_s"] = r["output_tok_s"]
+            result[name]["speedup_vs_hf"] = round(result[name]["output_tok_s"] / r["output_tok_s"], 2)
+            print(f"  {result['dtype']} {name} transformers: {json.dumps(r)}", file=sys.stderr, flush=True)
+    return result
+
+
+def print_table(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    m = doc["machine"]
+    console = Console(file=sys.stdout)
+    console.print(f"[bold]{doc['model']}[/] on {m['cpu']} ({', '.join(m['capabilities']) or 'no AVX'}; "
+                  f"bf16 units: {'yes' if m['bf16_units'] else 'no'}), {m['threads']} threads, torch {m['torch']}"
+                  f"{', compiled' if doc['compile'] else ', eager'}")
+    table = Table("dtype", "workload", "tok/s", "roofline tok/s", "of roofline", "vs transformers", "notes")
+    for r in doc["results"]:
+        machine = f"read {r['memory_read_gb_s']} GB/s, matmul {r['matmul_gflop_s']} GFLOP/s"
+        for name in ("decode", "prefill", "mixed", "prefix"):
+            if name not in r:
+                continue
+            w = r[name]
+            tok_s = {"decode": w["decode_tok_s"], "prefill": w["prefill_tok_s"]}.get(name, w["output_tok_s"])
+            notes = machine if name == "decode" else ""
+            if name == "prefix":
+                notes = f"{w['prefix_cache_hit_tokens']} tokens from the cache; without it {w['no_prefix_cache_output_tok_s']} tok/s"
+            if name == "mixed":
+                notes = f"{w['output_tokens']} tokens in {w['wall_s']} s"
+            table.add_row(r["dtype"], name, f"{tok_s:.1f}", str(w.get("roofline_tok_s", "")),
+                          f"{100 * w['fraction_of_roofline']:.0f}%" if "fraction_of_roofline" in w else "",
+                          f"{w['speedup_vs_hf']}x" if "speedup_vs_hf" in w else "", notes)
+    console.print(table)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="demo", help="a preset (demo, tiny), a folder or a hub id (default: demo)")
+    p.add_argument("--dtype", action="append", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="repeatable (default: float32, plus bfloat16 where the device has bf16 units)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workloads", default="decode,prefill,mixed,prefix",
+                   help="comma-separated subset of decode,prefill,mixed,prefix")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time reported as startup)")
+    p.add_argument("--compare-hf", action="store_true", help="run transformers generate on the same requests")
+    p.add_argument("--quick", action="store_true", help="smaller workloads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="text", choices=["text", "json"])
+    args = p.parse_args(argv)
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    bad = [w for w in args.workloads if w not in ("decode", "prefill", "mixed", "prefix")]
+    if bad:
+        print(f"error: unknown workload {bad[0]!r} (allowed: decode, prefill, mixed, prefix)", file=sys.stderr)
+        return 2
+    device = qwen3.resolve_device(args.device)
+    if not args.dtype:   # CPU: fp32, and bf16 only where it has bf16 units; CUDA: bf16
+        if device.type == "cuda":
+            args.dtype = ["bfloat16"]
+        else:
+            args.dtype = ["float32", "bfloat16"] if qwen3.cpu_has_bf16() else ["float32"]
+    machine = cpu_info()
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    doc = {"model": args.model, "device": device.type, "compile": args.compile, "machine": machine,
+           "results": [bench_dtype(args, d, machine) for d in args.dtype]}
+    if args.output == "json":
+        print(json.dumps(doc))
+    else:
+        print_table(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
