@@ -170,3 +170,30 @@ def test_cuda_graph_decoder_padding_without_a_gpu(folders):
     torch.testing.assert_close(kv[:, :, :nb], kv_eager[:, :, :nb], atol=1e-5, rtol=1e-5)  # same K/V written
     assert kv[:, :, nb].abs().sum() > 0 and kv_eager[:, :, nb].abs().sum() == 0   # padding wrote only scratch
     assert E.bucket(3, 8) == 4 and E.bucket(9, 12) == 12 and E.bucket(1, 8) == 1
+
+
+@pytest.mark.skipif(not (M.cpu_has_bf16() and torch.backends.mkldnn.is_available()), reason="needs CPU bf16 units")
+def test_packed_bf16_linear_matches_nn_linear():
+    torch.manual_seed(0)
+    for rows in (1, 5, 64):
+        lin = torch.nn.Linear(256, 384, bias=False).to(torch.bfloat16)
+        x = torch.randn(rows, 256, dtype=torch.bfloat16)
+        torch.testing.assert_close(E.PackedLinear(lin)(x).float(), lin(x).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not (M.cpu_has_bf16() and torch.backends.mkldnn.is_available()), reason="needs CPU bf16 units")
+def test_bf16_engine_packs_its_weights_and_keeps_the_model_s_predictions(folders):
+    """bf16 rounding depends on the kernel, so the check is: logits within bf16 noise of the plain
+    bf16 model, and the same top-1 token wherever the margin is larger than that noise."""
+    eng = engine(folders["tiny"], dtype="bfloat16")
+    assert isinstance(eng.model.model.layers[0].mlp.up_proj, E.PackedLinear)
+    plain = M.load_model(folders["tiny"], torch.bfloat16)
+    ids = torch.tensor(prompts()[6])
+    with torch.inference_mode():
+        a = eng.model.compute_logits(eng.model(ids, torch.arange(len(ids)))).float()
+        b = plain.compute_logits(plain(ids, torch.arange(len(ids)))).float()
+    noise = (a - b).abs().max().item()
+    assert noise < 0.05 * b.std().item()
+    top2 = b.topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * noise
+    assert clear.sum() > len(ids) // 2 and torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
