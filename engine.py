@@ -376,9 +376,14 @@ class LLMEngine:
         if name is None:
             return spec.early_exit_draft(self.model, spec.default_draft_layers(self.model_config.num_hidden_layers))
         folder = resolve_model(name)
+        if os.path.realpath(folder) == os.path.realpath(self.model_path):
+            return self.model   # the target as its own draft (acceptance ~1: a check, not a speedup): no second copy
         spec.check_same_vocabulary(self.model_config, qwen3.load_config(folder), self.tokenizer,
                                    tokenize.load_tokenizer(folder), name)
-        return qwen3.load_model(folder, self.dtype, self.device)
+        draft = qwen3.load_model(folder, self.dtype, self.device)
+        if isinstance(self.model.lm_head, PackedLinear):   # packed as the target is (CPU bf16)
+            pack_linears_for_cpu_bf16(draft)
+        return draft
 
     def _auto_num_blocks(self, bytes_per_block: int) -> int:
         if self.config.kv_cache_memory_gb is not None:
@@ -416,7 +421,7 @@ class LLMEngine:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
         rid = next(self._ids)
-        seq = Sequence(rid, ids, len(ids), params)
+        seq = Sequence(rid, list(ids), len(ids), params)    # its own list: it grows as tokens come
         generator = sampling.make_generator(params.seed, self.device)
         self._requests[rid] = (seq, RequestOutput(rid, text, list(ids)), generator)
         self.scheduler.add(seq)
