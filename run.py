@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    g = p.add_argument_group("speculative decoding (07_speculative.py)")
+    g.add_argument("--speculative", action="store_true",
+                   help="a draft model proposes tokens, the target checks them in one pass (same outputs)")
+    g.add_argument("--draft-model", default=None,
+                   help="the draft: local folder, hub id or preset with the target's vocabulary; implies "
+                        "--speculative (default: the target's first 7/8 of layers)")
+    g.add_argument("--num-speculative-tokens", type=int, default=4,
+                   help="draft tokens per sequence per step, k (default: %(default)s)")
     g = p.add_argument_group("teaching modes (combinable)")
     g.add_argument("--narrate", action="store_true", help="plain-language commentary of what the engine does, with its real numbers")
     g.add_argument("--xray", action="store_true", help="the tensors of each stage: shapes, dtypes, stats, top candidates")
@@ -90,6 +98,8 @@ def check_args(args) -> None:
         raise UsageError(f"--max-tokens must be a positive integer, got {args.max_tokens}")
     if args.xray_every <= 0:
         raise UsageError(f"--xray-every must be a positive integer, got {args.xray_every}")
+    if args.num_speculative_tokens < 1:
+        raise UsageError(f"--num-speculative-tokens must be a positive integer, got {args.num_speculative_tokens}")
     if args.chapter is not None and not 1 <= args.chapter <= 12:
         raise UsageError(f"--chapter must be between 1 and 12, got {args.chapter}")
     for flag in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_model_len"):
@@ -113,10 +123,16 @@ def load_engine(args, info):
         model=folder, dtype=args.dtype, device=args.device, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager, compile=args.compile)
+        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager, compile=args.compile,
+        speculative=args.speculative or args.draft_model is not None, draft_model=args.draft_model,
+        num_speculative_tokens=args.num_speculative_tokens)
     engine = engine_mod.LLMEngine(config)
     info(f"model {model} ({folder}) on {engine.device}, {str(engine.dtype).removeprefix('torch.')}, "
           f"{engine.num_kv_blocks} KV blocks of {args.block_size} tokens")
+    if engine.speculative is not None:
+        draft = args.draft_model or (f"built-in: the target's first {engine.draft_model.config.num_hidden_layers} "
+                                     f"of {engine.model_config.num_hidden_layers} layers")
+        info(f"speculative decoding: draft {draft}, k = {args.num_speculative_tokens}")
     return engine, model
 
 
@@ -130,11 +146,13 @@ def attach_modes(args, engine):
     if args.narrate:
         from modes.narrator import Narrator
         engine.observers.append(Narrator(engine, console))
+        args.stream = False      # the narrator streams the text itself, between its sentences
     if args.xray:
         from modes.xray import XRay
         engine.observers.append(XRay(engine, console, every=args.xray_every, layer=args.xray_layer))
     if args.dashboard:
         from modes.dashboard import Dashboard
+        args.stream = False      # the dashboard shows the text as it grows; streaming it too would redraw per token
         dashboard = Dashboard(engine, console)
         engine.observers.append(dashboard)
         return dashboard
@@ -145,10 +163,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # Generated text goes to stdout (to stderr under --output json, where stdout is the JSON alone);
     # everything about the run goes to stderr.
-    text_stream = sys.stderr if args.output == "json" else sys.stdout
-
-    def show_text(msg: str = "", end="\n") -> None:
-        print(msg, end=end, file=text_stream, flush=True)
+    def show_text(msg: str = "", end="\n") -> None:   # sys.stdout looked up now: --dashboard's Live redirects it
+        print(msg, end=end, file=sys.stderr if args.output == "json" else sys.stdout, flush=True)
 
     def info(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -212,8 +228,15 @@ def main(argv=None) -> int:
     info(f"[{stats['prompt_tokens']} prompt tokens, {stats['generated_tokens']} generated; "
           f"prefill {stats['prefill_tokens_per_s']:.1f} tok/s, decode {stats['decode_tokens_per_s']:.1f} tok/s, "
           f"prefix-cache hits {stats['prefix_cache_hit_tokens']} tokens, {stats['preemptions']} preemptions]")
+    if "spec_num_drafts" in stats:
+        info(f"[speculative: {stats['spec_accepted_tokens']} of {stats['spec_draft_tokens']} draft tokens accepted "
+             f"({stats['spec_acceptance_rate']:.1%}), mean acceptance length {stats['spec_mean_acceptance_length']:.2f}]")
     return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:   # Ctrl-C: the modes have restored the terminal; no traceback
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
