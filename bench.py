@@ -18,6 +18,12 @@ Workloads (seeded, random token ids, ignore_eos so lengths are what was asked fo
     python bench.py                                   # demo model (Qwen3-0.6B shape), fp32 and bf16 where fast
     python bench.py --dtype bfloat16 --compile --compare-hf --output json
     python bench.py --quick                           # smaller workloads, a minute or two
+    python bench.py --speculative --dtype bfloat16    # speculative decoding: measured vs expected speedup
+
+With --speculative the decode workload also runs with a draft model (built-in early-exit draft
+unless --draft-model) and compares the measured speedup with Leviathan et al.'s expected one,
+(1 - a^(k+1)) / ((1 - a)(c k + 1)): a the per-token acceptance estimated from this run's counts,
+c the draft/target cost of one forward measured in this run.
 """
 from __future__ import annotations
 
@@ -82,9 +88,12 @@ def matmul_gflops(dtype, device) -> float:
     return 2 * 512 * 1024 * 3072 / t / 1e9
 
 
-def weight_bytes(model) -> int:
-    """Bytes a decode step reads: every parameter once (a tied lm_head is the embedding matrix)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def weight_bytes(cfg: qwen3.ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes a decode step reads: every parameter once (a tied lm_head is the embedding matrix).
+    Counted from the architecture, not the loaded modules, whose weights may be repacked."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in qwen3.Qwen3ForCausalLM(cfg).parameters())
+    return n * torch.empty((), dtype=dtype).element_size()
 
 
 def prefill_flops_per_token(cfg: qwen3.ModelConfig, prompt_len: int) -> float:
@@ -171,7 +180,7 @@ def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
     result = {"dtype": str(dtype).removeprefix("torch."), "startup_s": round(startup, 1),
               "memory_read_gb_s": round(memory_read_gbps(device), 1),
               "matmul_gflop_s": round(matmul_gflops(dtype, device), 1),
-              "weight_bytes": weight_bytes(eng.model)}
+              "weight_bytes": weight_bytes(eng.model_config, dtype)}
     mc = eng.model_config
     decode_roof = result["memory_read_gb_s"] * 1e9 / result["weight_bytes"]
     prompt_len = len(wl["prefill"][0][0])
@@ -194,6 +203,8 @@ def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
         r.pop("token_ids")
         result[name] = r
         print(f"  {result['dtype']} {name}: {json.dumps(r)}", file=sys.stderr, flush=True)
+    if args.speculative:
+        result["speculative"] = bench_speculative(args, cfg, wl["decode"], result["decode"]["decode_tok_s"])
     if args.compare_hf:
         import transformers
         hf = transformers.AutoModelForCausalLM.from_pretrained(eng.model_path, dtype=dtype).eval().to(device)
@@ -205,6 +216,42 @@ def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
             result[name]["speedup_vs_hf"] = round(result[name]["output_tok_s"] / r["output_tok_s"], 2)
             print(f"  {result['dtype']} {name} transformers: {json.dumps(r)}", file=sys.stderr, flush=True)
     return result
+
+
+def bench_speculative(args, cfg, decode_workload, plain_tok_s: float) -> dict:
+    """Batch-1 decode with speculation, on the same requests as the plain decode workload."""
+    spec = engine_mod.spec
+    k = args.num_speculative_tokens
+    eng = engine_mod.LLMEngine(engine_mod.EngineConfig(**{**cfg.__dict__, "speculative": True,
+                                                          "draft_model": args.draft_model, "num_speculative_tokens": k}))
+    results = {}
+    for label, temperature in (("greedy", 0.0), ("T=1", 1.0)):
+        prompts, outs = decode_workload
+        params = [engine_mod.SamplingConfig(temperature=temperature, seed=0, max_tokens=m, ignore_eos=True) for m in outs]
+        eng.generate(prompts, [engine_mod.SamplingConfig(temperature=temperature, seed=1, max_tokens=8, ignore_eos=True)])
+        plain = engine_mod.LLMEngine(engine_mod.EngineConfig(**cfg.__dict__)) if temperature else None
+        if plain is not None:   # the plain engine's tok/s at this temperature (sampling costs something)
+            plain.generate(prompts, params)
+            t = time.perf_counter()
+            base = sum(len(o.token_ids) for o in plain.generate(prompts, params)) / (time.perf_counter() - t)
+            del plain
+        else:
+            base = plain_tok_s
+        eng.speculative.stats = spec.SpecDecodingStats(k)
+        t = time.perf_counter()
+        generated = sum(len(o.token_ids) for o in eng.generate(prompts, params))
+        tok_s = generated / (time.perf_counter() - t)
+        st = eng.speculative.stats
+        c = spec.measure_cost_ratio(eng.model, eng.draft_model)
+        expected = spec.expected_speedup(st.alpha, k, c)
+        measured = tok_s / base
+        results[label] = {"tok_s": round(tok_s, 2), "plain_tok_s": round(base, 2), "k": k,
+                          "alpha": round(st.alpha, 3), "alpha_per_position": [round(a, 3) for a in st.alpha_per_position],
+                          "acceptance_rate": round(st.acceptance_rate, 3), "cost_ratio_c": round(c, 3),
+                          "expected_speedup": round(expected, 3), "measured_speedup": round(measured, 3),
+                          "measured_over_expected": round(measured / expected, 3)}
+        print(f"  speculative {label}: {json.dumps(results[label])}", file=sys.stderr, flush=True)
+    return results
 
 
 def print_table(doc: dict) -> None:
@@ -232,6 +279,11 @@ def print_table(doc: dict) -> None:
                           f"{100 * w['fraction_of_roofline']:.0f}%" if "fraction_of_roofline" in w else "",
                           f"{w['speedup_vs_hf']}x" if "speedup_vs_hf" in w else "", notes)
     console.print(table)
+    for r in doc["results"]:
+        for label, sp in r.get("speculative", {}).items():
+            console.print(f"speculative ({r['dtype']}, {label}, k={sp['k']}): {sp['tok_s']} tok/s vs {sp['plain_tok_s']} "
+                          f"plain; alpha {sp['alpha']}, c {sp['cost_ratio_c']} -> expected {sp['expected_speedup']}x, "
+                          f"measured {sp['measured_speedup']}x ({100 * sp['measured_over_expected']:.0f}% of expected)")
 
 
 def main(argv=None) -> int:
@@ -245,6 +297,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time reported as startup)")
     p.add_argument("--compare-hf", action="store_true", help="run transformers generate on the same requests")
     p.add_argument("--quick", action="store_true", help="smaller workloads")
+    p.add_argument("--speculative", action="store_true", help="also measure speculative decoding on the decode workload")
+    p.add_argument("--draft-model", default=None, help="draft for --speculative (default: the built-in early-exit draft)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="text", choices=["text", "json"])
     args = p.parse_args(argv)
@@ -252,6 +307,9 @@ def main(argv=None) -> int:
     bad = [w for w in args.workloads if w not in ("decode", "prefill", "mixed", "prefix")]
     if bad:
         print(f"error: unknown workload {bad[0]!r} (allowed: decode, prefill, mixed, prefix)", file=sys.stderr)
+        return 2
+    if args.num_speculative_tokens < 1:
+        print(f"error: --num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}", file=sys.stderr)
         return 2
     device = qwen3.resolve_device(args.device)
     if not args.dtype:   # CPU: fp32, and bf16 only where it has bf16 units; CUDA: bf16
