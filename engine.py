@@ -256,10 +256,10 @@ class ModelRunner:
     eager (always correct, the reference), compiled (`compile`: padded to shape buckets), and
     decode-only CUDA graphs (on CUDA unless `enforce_eager`)."""
 
-    def __init__(self, model, cfg: qwen3.ModelConfig, block_manager: paged.BlockManager, kv_cache,
+    def __init__(self, model, block_manager: paged.BlockManager, kv_cache,
                  device: torch.device, max_blocks_per_seq: int, max_num_seqs: int, max_num_batched_tokens: int,
                  compile: bool = False, cuda_graphs: bool = False, cache_dir: str = ""):
-        self.model, self.cfg, self.bm, self.kv_cache = model, cfg, block_manager, kv_cache
+        self.model, self.bm, self.kv_cache = model, block_manager, kv_cache
         self.device = device
         self.max_num_batched_tokens = max_num_batched_tokens
         self.step_attention = StepAttention()
@@ -353,7 +353,7 @@ class LLMEngine:
                                                 self.dtype, self.device)
         self.block_manager = paged.BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = sched.Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, mc, self.block_manager, self.kv_cache, self.device, max_blocks_per_seq,
+        self.runner = ModelRunner(self.model, self.block_manager, self.kv_cache, self.device, max_blocks_per_seq,
                                   config.max_num_seqs, config.max_num_batched_tokens, compile=config.compile,
                                   cuda_graphs=cuda_graphs, cache_dir=qwen3.cache_root())
         self.sampler = sampling.Sampler()

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: min(model, 4096))")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of compilation at start; see README for what it measured)")
     g = p.add_argument_group("speculative decoding (07_speculative.py)")
     g.add_argument("--speculative", action="store_true",
                    help="a draft model proposes tokens, the target checks them in one pass (same outputs)")
