@@ -486,10 +486,26 @@ class PagedContext:
         self.cu_seqlens_q = cu_seqlens_q
         self.is_prefill = cu_seqlens_q is not None
         block_size, n_kv = kv_cache.shape[3], kv_cache.shape[4]
-        if self.is_prefill:
-            self.meta = _prefill_metadata(cu_seqlens_q, context_lens, block_tables, block_size, n_kv)
-        else:
+        self.decode_tokens = None
+        if not self.is_prefill:
             self.meta = _decode_metadata(block_tables, context_lens, block_size, n_kv)
+            return
+        q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]                                   # (B,)
+        single = q_lens == 1
+        if bool(single.any()) and not bool(single.all()):
+            # A mixed step: prefill chunks and decoding sequences. Padding each decode row to the
+            # longest chunk would make attention cost B x max_q x context; the one-token rows take
+            # the decode path instead and the chunks the prefill path.
+            seq_of_token = torch.repeat_interleave(torch.arange(len(q_lens), device=q_lens.device), q_lens)
+            token_is_decode = single[seq_of_token]                                       # (N,)
+            self.decode_tokens = token_is_decode.nonzero().squeeze(1)
+            self.prefill_tokens = (~token_is_decode).nonzero().squeeze(1)
+            chunk = ~single
+            cu_chunks = F.pad(q_lens[chunk].cumsum(0), (1, 0))
+            self.meta = _prefill_metadata(cu_chunks, context_lens[chunk], block_tables[chunk], block_size, n_kv)
+            self.decode_meta = _decode_metadata(block_tables[single], context_lens[single], block_size, n_kv)
+        else:
+            self.meta = _prefill_metadata(cu_seqlens_q, context_lens, block_tables, block_size, n_kv)
 
     @classmethod
     def from_spans(cls, kv_cache, block_manager: BlockManager, spans, decode: bool | None = None):
@@ -514,9 +530,14 @@ class PagedContext:
         """q (N, H, d), k/v (N, n_kv, d) of the step's new tokens -> (N, H, d)."""
         k_cache, v_cache = self.kv_cache[layer_idx, 0], self.kv_cache[layer_idx, 1]
         store_kvcache(k, v, k_cache, v_cache, self.slot_mapping)
-        if self.is_prefill:
+        if not self.is_prefill:
+            return _decode(q, k_cache, v_cache, self.meta)
+        if self.decode_tokens is None:
             return _prefill(q, k_cache, v_cache, self.meta)
-        return _decode(q, k_cache, v_cache, self.meta)
+        out = torch.empty_like(q)                                                        # (N, H, d)
+        out[self.decode_tokens] = _decode(q[self.decode_tokens], k_cache, v_cache, self.decode_meta)
+        out[self.prefill_tokens] = _prefill(q[self.prefill_tokens], k_cache, v_cache, self.meta)
+        return out
 
 
 # ----------------------------------------------------------------------------- demo

@@ -4,6 +4,7 @@ PagedContext against the plain model and naive_generate."""
 import copy
 import math
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -582,3 +583,23 @@ def test_model_through_paged_context_equals_plain_model(tiny_model):
     for sid in (1, 2, 3):
         bm.free(sid)
     assert bm.num_free_blocks == bm.num_blocks and bm.num_used_blocks == 0
+
+
+def test_mixed_step_splits_decode_rows_from_chunks_and_matches_the_prefill_path():
+    """A step with prefill chunks and one-token decodes: decode rows go through the decode path
+    (no padding to the longest chunk); the result equals the all-prefill computation."""
+    torch.manual_seed(0)
+    cfg = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=2, head_dim=16)
+    bm = P.BlockManager(16, 4, enable_prefix_caching=False)
+    kv = P.allocate_kv_cache(cfg, 16, 4)
+    kv.normal_()
+    spans = [(0, 9, 10), (1, 3, 12), (2, 5, 6), (3, 0, 7)]      # decode, chunk after 3 cached, decode, chunk
+    for sid, _, end in spans:
+        bm.allocate(sid, list(range(end)), num_new_tokens=end)
+    ctx = P.PagedContext.from_spans(kv, bm, spans)
+    assert ctx.is_prefill and ctx.decode_tokens.tolist() == [0, 10]
+    n = sum(e - s for _, s, e in spans)
+    q, k, v = torch.randn(n, 4, 16), torch.randn(n, 2, 16), torch.randn(n, 2, 16)
+    out = ctx.attend(0, q, k, v)                                          # stores k/v, then attends
+    ref = P.paged_prefill_attention(q, kv[0, 0], kv[0, 1], ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
