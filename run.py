@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("engine")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
+    g.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                   help="KV pool size in GiB, when --num-kv-blocks is not given (default: CUDA free memory; CPU up to 2 GiB)")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences per step (default: %(default)s)")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (default: %(default)s)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: min(model, 4096))")
@@ -102,6 +104,8 @@ def check_args(args) -> None:
         raise UsageError(f"--num-speculative-tokens must be a positive integer, got {args.num_speculative_tokens}")
     if args.chapter is not None and not 1 <= args.chapter <= 12:
         raise UsageError(f"--chapter must be between 1 and 12, got {args.chapter}")
+    if args.kv_cache_memory_gb is not None and not args.kv_cache_memory_gb > 0:
+        raise UsageError(f"--kv-cache-memory-gb must be a positive number, got {args.kv_cache_memory_gb}")
     for flag in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_model_len"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
@@ -121,7 +125,7 @@ def load_engine(args, info):
         folder = engine_mod.resolve_model("demo")
     config = engine_mod.EngineConfig(
         model=folder, dtype=args.dtype, device=args.device, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
+        num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager, compile=args.compile,
         speculative=args.speculative or args.draft_model is not None, draft_model=args.draft_model,

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, load
 
@@ -134,3 +135,13 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_kv_pool_sized_in_gib(capsys, tiny):
+    code, out, _ = cli(capsys, "--model", "tiny", "--dtype", "float32", "--max-tokens", "1", "--output", "json",
+                       "--kv-cache-memory-gb", "0.01")
+    cfg = M.PRESETS["tiny"]
+    assert code == 0
+    assert json.loads(out)["stats"]["kv_blocks_total"] == int(0.01 * 2**30 // (cfg.kv_bytes_per_token(torch.float32) * 16))
+    code, _, err = cli(capsys, "--model", "tiny", "--kv-cache-memory-gb", "-1")
+    assert code == 2 and "--kv-cache-memory-gb must be a positive number, got -1.0" in err
