@@ -180,7 +180,7 @@ class CUDAGraphDecoder:
                  scratch_block: int, capture: bool):
         self.model, self.kv_cache = model, kv_cache
         self.max_batch = bucket(max_batch, max_batch)
-        self.scratch_slot = scratch_block * block_size
+        self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
         self.capture = capture
         device = kv_cache.device
         B, W = self.max_batch, max_blocks_per_seq
@@ -218,7 +218,7 @@ class CUDAGraphDecoder:
         self.positions[n:b] = 0
         self.slot_mapping[n:b] = self.scratch_slot
         self.context_lens[n:b] = 1
-        self.block_tables[n:b] = self.scratch_slot // self.kv_cache.shape[3]
+        self.block_tables[n:b] = self.scratch_block
         if not self.capture:
             return self._forward(b)[:n]
         graph, out = self._graph(b)
@@ -261,7 +261,7 @@ class ModelRunner:
                  compile: bool = False, cuda_graphs: bool = False, cache_dir: str = ""):
         self.model, self.bm, self.kv_cache = model, block_manager, kv_cache
         self.device = device
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.step_attention = StepAttention()
         self.compiled = self.compiled_logits = None
         if compile:
@@ -309,7 +309,7 @@ class ModelRunner:
         if eager or self.compiled_logits is None:
             return self.model.compute_logits(hidden)
         n = hidden.shape[0]
-        padded = torch.nn.functional.pad(hidden, (0, 0, 0, bucket(n, n) - n))
+        padded = torch.nn.functional.pad(hidden, (0, 0, 0, bucket(n, self.max_num_seqs) - n))   # rows: one per sampling sequence
         return self.compiled_logits(padded)[:n]
 
     @torch.inference_mode()
