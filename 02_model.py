@@ -107,7 +107,10 @@ def load_config(path: str) -> ModelConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 (as HF does) and cast back."""
+    """x / rms(x) * weight, rms(x) = sqrt(mean(x^2) + eps): normalised in fp32 and cast back, then
+    scaled by the weight in the model's dtype, exactly as HF does. F.rms_norm is that same
+    normalisation in one fused kernel, instead of the five ops of
+    x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) (a decode step runs 113 norms)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -115,10 +118,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):

@@ -77,6 +77,18 @@ def test_rope_matches_transformers():
         assert torch.equal(cos, cos_ref[0]) and torch.equal(sin, sin_ref[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_bit_equal_to_transformers(dtype):
+    """The fused F.rms_norm path rounds exactly as HF's Qwen3RMSNorm (fp32 math, cast, then weight)."""
+    torch.manual_seed(0)
+    for shape in ((7, 1024), (5, 16, 128)):
+        ours, hf = M.RMSNorm(shape[-1], 1e-6), transformers.models.qwen3.modeling_qwen3.Qwen3RMSNorm(shape[-1], eps=1e-6)
+        weight = 1 + 0.1 * torch.randn(shape[-1])
+        ours.weight.data, hf.weight.data = weight.clone(), weight.clone()
+        x = (3 * torch.randn(shape)).to(dtype)
+        assert torch.equal(ours.to(dtype)(x), hf.to(dtype)(x))
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-untied", "hf-saved"])
 def test_greedy_16_tokens_identical_to_transformers(checkpoints, name):
     ours, hf = both(checkpoints[name])

@@ -181,6 +181,19 @@ def test_packed_bf16_linear_matches_nn_linear():
         torch.testing.assert_close(E.PackedLinear(lin)(x).float(), lin(x).float(), atol=2e-2, rtol=2e-2)
 
 
+def test_small_batch_fp32_linear_matches_nn_linear_and_keeps_the_tie(folders):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 384, bias=False)
+    for rows in (1, 3, 4, 16, 32, 33, 64):        # both sides of each switch-over
+        x = torch.randn(rows, 256)
+        out = E.SmallBatchLinear(lin)(x)
+        assert out.is_contiguous() and out.shape == (rows, 384)
+        torch.testing.assert_close(out, lin(x), atol=1e-5, rtol=1e-5)
+    eng = engine(folders["tiny"], dtype="float32")
+    assert eng.linear_kernels == "SmallBatchLinear"
+    assert eng.model.lm_head.weight is eng.model.model.embed_tokens.weight
+
+
 @pytest.mark.skipif(not (M.cpu_has_bf16() and torch.backends.mkldnn.is_available()), reason="needs CPU bf16 units")
 def test_bf16_engine_packs_its_weights_and_keeps_the_model_s_predictions(folders):
     """bf16 rounding depends on the kernel, so the check is: logits within bf16 noise of the plain
