@@ -18,8 +18,10 @@ Slot mapping, worked example (block_size 4, block table [7, 2]):
     slot             28 29 30 31| 8  9  10 11       slot = block_tables[pos // 4] * 4 + pos % 4
 
 so position 5 lives in block 2 at offset 1, flat slot 2*4 + 1 = 9. The KV cache of one layer is
-a tensor (num_blocks, block_size, n_kv, d), i.e. (num_slots, n_kv, d) seen flat, and each step
-writes its new tokens' k/v with one indexed copy (`store_kvcache`, vLLM's name).
+a tensor (num_blocks, n_kv, block_size, d): inside a block, each KV head's block_size vectors lie
+back to back, so reading a sequence's keys for one head copies whole runs of block_size x d
+numbers, never single vectors. Each step writes its new tokens' k/v with one indexed copy
+(`store_kvcache`, vLLM's name).
 
 Block size is a trade-off:
   - small blocks: less waste (<= block_size - 1 slots per sequence) and prefix hits at a finer
@@ -297,41 +299,49 @@ class BlockManager:
 
 
 def allocate_kv_cache(cfg, num_blocks: int, block_size: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """The whole paged cache as one tensor (layers, 2, num_blocks, block_size, n_kv, d):
+    """The whole paged cache as one tensor (layers, 2, num_blocks, n_kv, block_size, d):
     kv_cache[layer, 0] is that layer's k_cache, kv_cache[layer, 1] its v_cache (contiguous views).
     One allocation, sized once at startup, that every sequence shares. Zeroed, so even a slot
     never written holds a finite number."""
-    return torch.zeros(cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads,
+    return torch.zeros(cfg.num_hidden_layers, 2, num_blocks, cfg.num_key_value_heads, block_size,
                        cfg.head_dim, dtype=dtype, device=device)
 
 
 def store_kvcache(k, v, k_cache, v_cache, slot_mapping) -> None:
     """Write the step's new keys/values into their slots: k/v (N, n_kv, d), caches
-    (num_blocks, block_size, n_kv, d), slot_mapping (N,) int64. One indexed copy per cache."""
-    n_kv, d = k_cache.shape[-2:]
-    k_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, k)     # (num_slots, n_kv, d)[slots] = k
-    v_cache.view(-1, n_kv, d).index_copy_(0, slot_mapping, v)
+    (num_blocks, n_kv, block_size, d), slot_mapping (N,) int64. One indexed write per cache."""
+    block_size = k_cache.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[blocks, :, offsets] = k                  # cache[b, :, o] is one slot: (n_kv, d) per token
+    v_cache[blocks, :, offsets] = v
 
 
-def _kv_index(block_tables, context_lens, block_size: int, n_kv: int, length: int):
-    """Indices that gather a batch's keys head-major: rows of the (num_slots * n_kv, d) view of a
-    cache, ordered (B, n_kv, length). Positions >= context_len read the sequence's slot 0 instead of
-    whatever their block table entry says (padding, a half-filled block's garbage): every value that
-    enters the math is a real, finite key, and the mask gives it weight 0. Also returns valid (B, length)."""
-    pos = torch.arange(length, device=block_tables.device)                          # (L,)
-    blocks = block_tables.long()[:, pos // block_size]                               # (B, L)
-    slots = blocks * block_size + pos % block_size                                   # (B, L)
-    valid = pos < context_lens[:, None]                                              # (B, L)
-    slots = torch.where(valid, slots, slots[:, :1])                                  # (B, L)
+def read_slots(cache, slot_mapping) -> torch.Tensor:
+    """The inverse of store_kvcache: the (N, n_kv, d) vectors held at these slots."""
+    block_size = cache.shape[2]
+    return cache[slot_mapping // block_size, :, slot_mapping % block_size]
+
+
+def _kv_index(block_tables, context_lens, block_size: int, n_kv: int, num_blocks: int):
+    """Rows that gather a batch's keys head-major from the (blocks * n_kv, block_size * d) view of
+    a cache: row block * n_kv + h is head h's run in that block. Ordered (B, n_kv, num_blocks),
+    they give (B, n_kv, num_blocks * block_size, d) directly. Table entries past a sequence's last
+    block (padding, any id) read its first block instead. Also returns valid (B, L): positions
+    < context_len; the rest (padding and the unwritten tail of a last block) must get weight 0."""
+    block_tables = block_tables[:, :num_blocks].long()                              # (B, nb)
+    blocks_used = -(-context_lens[:, None] // block_size)                            # (B, 1)
+    in_use = torch.arange(num_blocks, device=block_tables.device) < blocks_used      # (B, nb)
+    block_tables = torch.where(in_use, block_tables, block_tables[:, :1])
     heads = torch.arange(n_kv, device=block_tables.device)
-    index = slots[:, None, :] * n_kv + heads[None, :, None]                          # (B, n_kv, L)
-    return index.reshape(-1), valid
+    index = block_tables[:, None, :] * n_kv + heads[None, :, None]                   # (B, n_kv, nb)
+    valid = torch.arange(num_blocks * block_size, device=block_tables.device) < context_lens[:, None]
+    return index.reshape(-1), valid                                                  # (B*n_kv*nb,), (B, L)
 
 
 def _gather(cache, index, B: int, length: int):
-    """(num_blocks, block_size, n_kv, d) cache -> (B, n_kv, length, d), contiguous."""
-    n_kv, d = cache.shape[-2:]
-    return cache.view(-1, d).index_select(0, index).view(B, n_kv, length, d)
+    """(num_blocks, n_kv, block_size, d) cache -> (B, n_kv, length, d), contiguous."""
+    n_kv, block_size, d = cache.shape[1:]
+    return cache.view(-1, block_size * d).index_select(0, index).view(B, n_kv, length, d)
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -342,11 +352,12 @@ def _prefill_metadata(cu_seqlens_q, context_lens, block_tables, block_size: int,
     cu_seqlens_q, context_lens = cu_seqlens_q.long(), context_lens.long()  # vLLM passes int32
     B = context_lens.shape[0]
     q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]                                    # (B,)
-    max_q, length = int(q_lens.max()), int(context_lens.max())
+    max_q, num_blocks = int(q_lens.max()), -(-int(context_lens.max()) // block_size)
+    length = num_blocks * block_size
     seq_of_token = torch.repeat_interleave(torch.arange(B, device=q_lens.device), q_lens)   # (N,)
     row = torch.arange(seq_of_token.shape[0], device=q_lens.device) - cu_seqlens_q[seq_of_token]
     q_index = seq_of_token * max_q + row                                             # (N,) into (B*max_q)
-    kv_index, valid = _kv_index(block_tables, context_lens, block_size, n_kv, length)
+    kv_index, valid = _kv_index(block_tables, context_lens, block_size, n_kv, num_blocks)
     # Row i of sequence b is the token at position context_len - q_len + i; it sees keys up to there.
     q_pos = (context_lens - q_lens)[:, None] + torch.arange(max_q, device=q_lens.device)   # (B, max_q)
     k_pos = torch.arange(length, device=q_lens.device)
@@ -354,14 +365,16 @@ def _prefill_metadata(cu_seqlens_q, context_lens, block_tables, block_size: int,
     # Padding rows (i >= q_len) have q_pos >= context_len: they see the whole context, never an
     # empty row (which would make NaN), and are dropped at the end anyway.
     return SimpleNamespace(B=B, max_q=max_q, length=length, q_index=q_index, kv_index=kv_index,
-                           mask=mask[:, None])                                       # (B, 1, max_q, L)
+                           invalid=~valid[:, None, :, None], mask=mask[:, None])    # (B, 1, max_q, L)
 
 
 def _prefill(q, k_cache, v_cache, meta):
     N, H, d = q.shape
     B, max_q = meta.B, meta.max_q
-    k = _gather(k_cache, meta.kv_index, B, meta.length)                              # (B, n_kv, L, d)
-    v = _gather(v_cache, meta.kv_index, B, meta.length)                              # (B, n_kv, L, d)
+    # Unwritten slots may hold anything (a block's previous owner, NaN in the tests): zero them, as
+    # masked scores give exactly 0 weight only to finite numbers (0 * NaN is NaN).
+    k = _gather(k_cache, meta.kv_index, B, meta.length).masked_fill_(meta.invalid, 0)   # (B, n_kv, L, d)
+    v = _gather(v_cache, meta.kv_index, B, meta.length).masked_fill_(meta.invalid, 0)   # (B, n_kv, L, d)
     q_pad = q.new_zeros(B * max_q, H, d).index_copy_(0, meta.q_index, q)             # (B*max_q, H, d)
     q_pad = q_pad.view(B, max_q, H, d).transpose(1, 2)                               # (B, H, max_q, d)
     out = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=meta.mask, enable_gqa=True)  # (B, H, max_q, d)
@@ -386,51 +399,77 @@ def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, blo
 
     q (N, H, d): packed new tokens; sequence b's are q[cu_seqlens_q[b]:cu_seqlens_q[b+1]], its
     LAST q_len positions (a cached prefix or earlier chunks come before: context_len >= q_len).
-    Their k/v must already be stored in the caches (num_blocks, block_size, n_kv, d).
+    Their k/v must already be stored in the caches (num_blocks, n_kv, block_size, d).
     block_tables (B, max_blocks), padded with any id (-1 is fine). Returns (N, H, d).
 
     Vectorised: gather (B, n_kv, max_context, d), scatter q into (B, max_q, H, d), one masked SDPA
     (causal within each sequence, nothing across sequences, GQA without repeating K/V), unpad.
     A decode token is just a chunk of length 1, so mixed prefill + decode batches work too.
     """
-    meta = _prefill_metadata(cu_seqlens_q, context_lens, block_tables, k_cache.shape[1], k_cache.shape[2])
+    meta = _prefill_metadata(cu_seqlens_q, context_lens, block_tables, k_cache.shape[2], k_cache.shape[1])
     return _prefill(q, k_cache, v_cache, meta)
 
 
 # ----------------------------------------------------------------------------- decode
 
 
-def _decode_metadata(block_tables, context_lens, block_size: int, n_kv: int):
-    B, max_blocks = block_tables.shape
-    length = max_blocks * block_size  # from shapes only: no .item(), no sync
-    kv_index, valid = _kv_index(block_tables, context_lens, block_size, n_kv, length)
-    return SimpleNamespace(B=B, num_blocks=max_blocks, length=length, kv_index=kv_index,
-                           valid=valid.view(B, 1, 1, max_blocks, block_size))
+def _decode_metadata(block_tables, context_lens, block_size: int, static_shapes: bool = False):
+    """The step's decode work as a flat list of T (sequence, block) entries, built once per step.
+
+    Default: exactly the blocks the sequences use, nothing for padding (finding them is a
+    data-dependent size, a sync). static_shapes=True (CUDA graphs): every table entry, T = B x
+    width, shapes from the table alone; entries past a sequence's end are fully masked."""
+    B, width = block_tables.shape
+    device = block_tables.device
+    blocks_used = -(-context_lens.long() // block_size)                              # (B,)
+    in_use = torch.arange(width, device=device) < blocks_used[:, None]               # (B, width)
+    if static_shapes:
+        seq_of_block = torch.arange(B, device=device).repeat_interleave(width)        # (T,)
+        index_in_seq = torch.arange(width, device=device).repeat(B)                   # (T,)
+        blocks = torch.where(in_use, block_tables.long(), block_tables[:, :1].long()).reshape(-1)
+    else:
+        seq_of_block, index_in_seq = in_use.nonzero(as_tuple=True)                   # (T,), (T,)
+        blocks = block_tables.long()[seq_of_block, index_in_seq]                     # (T,)
+    offsets = torch.arange(block_size, device=device)
+    valid = index_in_seq[:, None] * block_size + offsets < context_lens[seq_of_block][:, None]   # (T, bs)
+    last = torch.cumsum(blocks_used, 0) - 1 if not static_shapes else None          # (B,) each one's last entry
+    return SimpleNamespace(B=B, width=width, blocks=blocks, seq_of_block=seq_of_block, index_in_seq=index_in_seq,
+                           valid=valid, last=last)
 
 
 def _decode(q, k_cache, v_cache, meta):
     B, H, d = q.shape
-    n_kv, bs, nb = k_cache.shape[2], k_cache.shape[1], meta.num_blocks
+    n_kv, bs = k_cache.shape[1], k_cache.shape[2]
     g = H // n_kv
-    k = _gather(k_cache, meta.kv_index, B, meta.length)                              # (B, n_kv, L, d)
-    v = _gather(v_cache, meta.kv_index, B, meta.length)                              # (B, n_kv, L, d)
-    qg = (q * d ** -0.5).view(B, n_kv, g, d).to(k.dtype)                             # (B, n_kv, g, d)
-    s = torch.matmul(qg, k.transpose(-1, -2)).float()                                # (B, n_kv, g, L)
-    s = torch.where(meta.valid, s.view(B, n_kv, g, nb, bs), -math.inf)               # (B, n_kv, g, nb, bs)
+    k = k_cache.index_select(0, meta.blocks)                                          # (T, n_kv, bs, d)
+    v = v_cache.index_select(0, meta.blocks)                                          # (T, n_kv, bs, d)
+    # Unwritten slots may hold anything (0 * NaN is NaN, the weights alone cannot hide it): zero
+    # them in V. Only each sequence's last block has any, unless padding entries are kept.
+    if meta.last is None:
+        v = torch.where(meta.valid[:, None, :, None], v, 0)
+    else:
+        tail = meta.valid[meta.last][:, None, :, None]                                # (B, 1, bs, 1)
+        v.index_copy_(0, meta.last, torch.where(tail, v.index_select(0, meta.last), 0))
+    qg = (q * d ** -0.5).view(B, n_kv, g, d).to(k.dtype).index_select(0, meta.seq_of_block)   # (T, n_kv, g, d)
+    s = torch.matmul(qg, k.transpose(-1, -2)).float()                                 # (T, n_kv, g, bs)
+    s = torch.where(meta.valid[:, None, None, :], s, -math.inf)
     # One partial per block j: max m_j, sum of exponentials l_j, unnormalised output o_j.
-    m_j = s.amax(-1)                                                                 # (B, n_kv, g, nb)
-    p = torch.exp(s - torch.where(m_j == -math.inf, 0.0, m_j)[..., None])            # empty block: p = 0
-    l_j = p.sum(-1)                                                                  # (B, n_kv, g, nb)
-    o_j = torch.matmul(p.to(v.dtype).transpose(2, 3), v.view(B, n_kv, nb, bs, d))    # (B, n_kv, nb, g, d)
-    # Merge: global max, each partial rescaled by exp(m_j - m) (an empty block's weight is 0).
-    m = m_j.amax(-1, keepdim=True)                                                   # (B, n_kv, g, 1)
-    w = torch.exp(m_j - m)                                                           # (B, n_kv, g, nb)
-    l = (l_j * w).sum(-1)                                                            # (B, n_kv, g)
-    o = (w.transpose(2, 3)[..., None] * o_j.float()).sum(2)                          # (B, n_kv, g, d)
+    m_j = s.amax(-1)                                                                  # (T, n_kv, g)
+    p = torch.exp(s - torch.where(m_j == -math.inf, 0.0, m_j)[..., None])             # empty block: p = 0
+    l_j = p.sum(-1)                                                                   # (T, n_kv, g)
+    o_j = torch.matmul(p.to(v.dtype), v).float()                                      # (T, n_kv, g, d)
+    # Merge each sequence's partials: its max m, each partial rescaled by exp(m_j - m) (an empty
+    # block's weight is 0), summed per sequence (a segmented sum: index_add over seq_of_block).
+    m_all = m_j.new_full((B, meta.width, n_kv, g), -math.inf)
+    m_all[meta.seq_of_block, meta.index_in_seq] = m_j
+    m = m_all.amax(1)                                                                 # (B, n_kv, g)
+    w = torch.exp(m_j - m.index_select(0, meta.seq_of_block))                        # (T, n_kv, g)
+    l = m.new_zeros(B, n_kv, g).index_add_(0, meta.seq_of_block, l_j * w)            # (B, n_kv, g)
+    o = m.new_zeros(B, n_kv, g, d).index_add_(0, meta.seq_of_block, o_j * w[..., None])   # (B, n_kv, g, d)
     return (o / l[..., None]).view(B, H, d).to(q.dtype)                              # (B, H, d)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, static_shapes: bool = False):
     """One new token per sequence: q (B, H, d) (its k/v already stored) attends to its
     context_lens[b] cached tokens through block_tables (B, max_blocks). Returns (B, H, d).
 
@@ -449,14 +488,17 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens):
 
     which no longer depends on the order: every block's partial can be computed at the same time
     and merged by one reduction. That is flash-decoding, and vLLM's paged attention v2 (partitions
-    in parallel, then a reduce kernel). Here "at the same time" is a tensor dimension.
+    in parallel, then a reduce kernel). Here "at the same time" is a tensor dimension: the blocks of
+    all the sequences form one flat batch of T entries, gathered whole (a block's run for one head
+    is contiguous), and each sequence's partials are merged by a segmented sum. No sequence is
+    padded to the longest one: the work is the blocks in use, however ragged the batch.
 
     GQA: q is viewed (B, n_kv, group, d) so each KV head serves its group of query heads without a
     copy. Positions >= context_len are masked; a block with nothing valid has m_j = -inf, and its
     weight exp(-inf - m) = 0. Scores and outputs come from matmuls in the cache dtype; max, exp and
     sums are fp32.
     """
-    meta = _decode_metadata(block_tables, context_lens, k_cache.shape[1], k_cache.shape[2])
+    meta = _decode_metadata(block_tables, context_lens, k_cache.shape[2], static_shapes)
     return _decode(q, k_cache, v_cache, meta)
 
 
@@ -464,13 +506,14 @@ def decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens):
     """The check for paged_decode_attention: per sequence, gather exactly its context_len keys
     through its block table, repeat K/V for the query groups, plain softmax. Slow and obvious."""
     B, H, d = q.shape
-    n_kv, bs = k_cache.shape[2], k_cache.shape[1]
+    n_kv, bs = k_cache.shape[1], k_cache.shape[2]
     out = []
     for b in range(B):
         n = int(context_lens[b])
-        blocks = block_tables[b, :-(-n // bs)].long()
-        k = k_cache[blocks].reshape(-1, n_kv, d)[:n].float().repeat_interleave(H // n_kv, dim=1)  # (n, H, d)
-        v = v_cache[blocks].reshape(-1, n_kv, d)[:n].float().repeat_interleave(H // n_kv, dim=1)  # (n, H, d)
+        pos = torch.arange(n, device=q.device)
+        slots = block_tables[b].long()[pos // bs] * bs + pos % bs                                   # (n,)
+        k = read_slots(k_cache, slots).float().repeat_interleave(H // n_kv, dim=1)                 # (n, H, d)
+        v = read_slots(v_cache, slots).float().repeat_interleave(H // n_kv, dim=1)                 # (n, H, d)
         scores = torch.einsum("hd,nhd->hn", q[b].float(), k) / math.sqrt(d)                       # (H, n)
         out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), v))                            # (H, d)
     return torch.stack(out).to(q.dtype)                                                          # (B, H, d)
@@ -482,25 +525,27 @@ def decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens):
 class PagedContext:
     """What the engine hands the model for one step (02_model's `attend` calls `context.attend`).
 
-    kv_cache: one tensor (layers, 2, num_blocks, block_size, n_kv, d) from `allocate_kv_cache`.
+    kv_cache: one tensor (layers, 2, num_blocks, n_kv, block_size, d) from `allocate_kv_cache`.
     slot_mapping (N,): where each new token's k/v goes. Then either
       prefill (cu_seqlens_q given): cu_seqlens_q (B+1,), context_lens (B,), block_tables (B, max_blocks)
       decode  (cu_seqlens_q None):  block_tables (B, max_blocks), context_lens (B,), one token each.
     Index tensors are int64 on the cache's device. The gather indices and masks do not depend on
     the layer, so they are built here once per step and reused by every layer (vLLM's attention
-    metadata does the same).
+    metadata does the same). static_shapes: decode metadata whose shapes depend on the tensors'
+    shapes only, never on their values (what a CUDA graph replays).
     """
 
-    def __init__(self, kv_cache, slot_mapping, block_tables, context_lens, cu_seqlens_q=None):
+    def __init__(self, kv_cache, slot_mapping, block_tables, context_lens, cu_seqlens_q=None,
+                 static_shapes: bool = False):
         self.kv_cache = kv_cache
         self.slot_mapping = slot_mapping.long()  # index_copy_ wants int64 (no copy when it already is)
         self.block_tables, self.context_lens = block_tables, context_lens
         self.cu_seqlens_q = cu_seqlens_q
         self.is_prefill = cu_seqlens_q is not None
-        block_size, n_kv = kv_cache.shape[3], kv_cache.shape[4]
+        n_kv, block_size = kv_cache.shape[3], kv_cache.shape[4]
         self.decode_tokens = None
         if not self.is_prefill:
-            self.meta = _decode_metadata(block_tables, context_lens, block_size, n_kv)
+            self.meta = _decode_metadata(block_tables, context_lens, block_size, static_shapes)
             return
         q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]                                   # (B,)
         single = q_lens == 1
@@ -512,7 +557,7 @@ class PagedContext:
             token_is_decode = single[seq_of_token]                                       # (N,)
             self.decode_tokens = token_is_decode.nonzero().squeeze(1)
             self.prefill_tokens = (~token_is_decode).nonzero().squeeze(1)
-            self.decode_meta = _decode_metadata(block_tables[single], context_lens[single], block_size, n_kv)
+            self.decode_meta = _decode_metadata(block_tables[single], context_lens[single], block_size)
             chunk = ~single
             q_lens, context_lens, block_tables = q_lens[chunk], context_lens[chunk], block_tables[chunk]
         cu_chunks = F.pad(q_lens.cumsum(0), (1, 0))
@@ -642,7 +687,7 @@ def main() -> None:
     # Attention through these block tables == dense attention, on random k/v in this layout.
     torch.manual_seed(0)
     H, n_kv, d = 4, 2, 8
-    k_cache = torch.full((bm.num_blocks, bm.block_size, n_kv, d), float("nan"))  # unwritten = NaN
+    k_cache = torch.full((bm.num_blocks, n_kv, bm.block_size, d), float("nan"))  # unwritten = NaN
     v_cache = torch.full_like(k_cache, float("nan"))
     first = torch.tensor(bm.slot_mapping(3, 0, 12))  # A computed these blocks before it left
     store_kvcache(torch.randn(12, n_kv, d), torch.randn(12, n_kv, d), k_cache, v_cache, first)
@@ -652,7 +697,7 @@ def main() -> None:
         slots = torch.tensor(bm.slot_mapping(sid, 0, n))
         store_kvcache(torch.randn(n - cached, n_kv, d), torch.randn(n - cached, n_kv, d), k_cache, v_cache,
                       slots[cached:])
-        dense_k[sid], dense_v[sid] = k_cache.view(-1, n_kv, d)[slots], v_cache.view(-1, n_kv, d)[slots]
+        dense_k[sid], dense_v[sid] = read_slots(k_cache, slots), read_slots(v_cache, slots)
         q_parts.append(torch.randn(n - cached, H, d))
         spans.append((sid, cached, n))
     cu = torch.tensor([0] + [e - s for _, s, e in spans]).cumsum(0)

@@ -33,7 +33,10 @@ falsy check: no strings built, no dicts, no `.item()`. The events, in the order 
     finished          request_id, output, reason, freed_blocks, cached_blocks, num_free_blocks
 
 Speed: on CUDA, decode steps replay CUDA graphs captured per batch-size bucket (the Python and
-kernel-launch overhead of 28 layers disappears); `--enforce-eager` turns that off. On CPU,
+kernel-launch overhead of 28 layers disappears); `--enforce-eager` turns that off. On CPU a decode
+step is a pass over every weight, so what matters is how fast the linear layers read them: each
+nn.Linear is swapped for the measured-fastest kernel of its dtype (`use_cpu_linear_kernels`), and
+malloc keeps freed memory so activations do not page-fault in every step (`keep_freed_memory_mapped`).
 `--compile` runs the model through torch.compile (inductor, weights frozen as constants, the
 max-autotune C++ GEMM templates), with token counts padded to buckets so a handful of shapes
 are compiled once and replayed.
@@ -212,7 +215,7 @@ class CUDAGraphDecoder:
 
     def _forward(self, b: int) -> torch.Tensor:
         ctx = paged.PagedContext(self.kv_cache, self.slot_mapping[:b], self.block_tables[:b],
-                                 self.context_lens[:b])                          # decode metadata
+                                 self.context_lens[:b], static_shapes=True)      # decode metadata
         return self.model(self.input_ids[:b], self.positions[:b], ctx)          # (b, hidden)
 
     def _graph(self, b: int):

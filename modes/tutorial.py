@@ -922,7 +922,7 @@ def demo_kv_cache(L: Lesson) -> dict:
     kv = engine.kv_cache
     L.say(f"This engine's cache: 2 x {mc.num_hidden_layers} x {mc.num_key_value_heads} x {mc.head_dim} x "
           f"{kv.element_size()} bytes = {per_token:,} bytes per token; the pool tensor {tuple(kv.shape)} "
-          f"(layers, K/V, blocks, block size, KV heads, dims) = {fmt_bytes(kv.nbytes)}.")
+          f"(layers, K/V, blocks, KV heads, block size, dims) = {fmt_bytes(kv.nbytes)}.")
     return dict(prompt_tokens=P, new_tokens=n, same=out.token_ids == ref == cached, naive_passes=naive_tokens,
                 cached_passes=cached_tokens, bytes_per_token=per_token, pool_shape=tuple(kv.shape),
                 pool_bytes=kv.nbytes, speedup=t_naive / t_cached if t_cached else 0.0)

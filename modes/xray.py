@@ -48,6 +48,7 @@ import torch
 from rich.text import Text
 
 qwen3 = importlib.import_module("02_model")
+paged = importlib.import_module("04_paged_attention")
 
 MARK, HEAD, FOOT = "┃ ", "┏━ x-ray ", "┗━"
 SHOW_SEQS = 4           # per-sequence lines (attention, top-k, block table) for at most this many
@@ -323,16 +324,14 @@ class XRay:
         """The rotated keys and the values of this step must be exactly what the step wrote to the cache."""
         if not segs or k_rot is None or v is None:
             return
-        kv = self.engine.kv_cache[self.layer]                           # (2, blocks, block_size, n_kv, d)
-        n_kv, d = kv.shape[-2:]
+        kv = self.engine.kv_cache[self.layer]                           # (2, blocks, n_kv, block_size, d)
         worst = 0.0
         bs = self.engine.config.block_size
         for rid, s, t, row in segs:
             have = len(self.engine.block_manager.block_tables[rid]) * bs   # rejected guesses may be rolled back
             end = min(t + self._guesses(rid), have)
             slots = torch.tensor(self._cache_rows(rid, range(s, end)), device=kv.device)
-            k_c = kv[0].reshape(-1, n_kv, d).index_select(0, slots)
-            v_c = kv[1].reshape(-1, n_kv, d).index_select(0, slots)
+            k_c, v_c = paged.read_slots(kv[0], slots), paged.read_slots(kv[1], slots)
             worst = max(worst, (k_c.float() - k_rot[row:row + end - s].float()).abs().max().item(),
                         (v_c.float() - v[row:row + end - s].float()).abs().max().item())
         verdict = "identical" if worst == 0 else f"max |Δ| = {worst:.2g}"
@@ -343,14 +342,14 @@ class XRay:
         cap = self.captured
         if not segs or q_rot is None:
             return
-        kv = self.engine.kv_cache[self.layer]
-        n_kv, d = kv.shape[-2:]
+        kv = self.engine.kv_cache[self.layer]                           # (2, blocks, n_kv, block_size, d)
+        n_kv, d = kv.shape[2], kv.shape[-1]
         o_in = cap.get("attn_o_in")
         for rid, s, t, row in segs[:SHOW_SEQS]:
             r = row + t - s - 1                                          # the sequence's last packed row
             slots = torch.tensor(self._cache_rows(rid, range(t)), device=kv.device)
-            k = kv[0].reshape(-1, n_kv, d).index_select(0, slots).float()   # (t, n_kv, d)
-            v = kv[1].reshape(-1, n_kv, d).index_select(0, slots).float()
+            k = paged.read_slots(kv[0], slots).float()                  # (t, n_kv, d)
+            v = paged.read_slots(kv[1], slots).float()
             q = q_rot[r].float()                                         # (H, d)
             H = q.shape[0]
             k, v = k.repeat_interleave(H // n_kv, dim=1), v.repeat_interleave(H // n_kv, dim=1)  # (t, H, d)
@@ -422,7 +421,7 @@ class XRay:
         e, bm = self.engine, self.engine.block_manager
         cache = e.kv_cache
         bs = e.config.block_size
-        per_token = cache[:, :, 0, 0].numel() * cache.element_size()    # every layer's k and v of one slot
+        per_token = cache[:, :, 0, :, 0].numel() * cache.element_size()  # every layer's k and v of one slot
         self._out(f"KV pool: kv_cache {tuple(cache.shape)} {dtype_name(cache.dtype)} = "
                   f"{fmt_bytes(cache.numel() * cache.element_size())}; {used} of {bm.num_blocks} blocks used "
                   f"({fmt_bytes(used * bs * per_token)}), {fmt_bytes(per_token)} per token, "

@@ -29,7 +29,7 @@ def paged_layout(ctx_lens, q_lens, H, n_kv, d, block_size, dtype=torch.float32, 
     need = [math.ceil(n / block_size) for n in ctx_lens]
     num_blocks = sum(need) + 5
     perm = torch.randperm(num_blocks, generator=g).tolist()
-    k_cache = torch.full((num_blocks, block_size, n_kv, d), float("nan"), dtype=dtype)
+    k_cache = torch.full((num_blocks, n_kv, block_size, d), float("nan"), dtype=dtype)
     v_cache = torch.full_like(k_cache, float("nan"))
     unused = perm[sum(need)]  # a NaN block, used as padding when pad == "nan-block"
     tables, seqs, at = [], [], 0
@@ -39,8 +39,7 @@ def paged_layout(ctx_lens, q_lens, H, n_kv, d, block_size, dtype=torch.float32, 
         k, v = (torch.randn(n, n_kv, d, generator=g).to(dtype) for _ in range(2))
         q = torch.randn(n, H, d, generator=g).to(dtype)
         slots = torch.tensor([blocks[p // block_size] * block_size + p % block_size for p in range(n)])
-        k_cache.view(-1, n_kv, d)[slots] = k
-        v_cache.view(-1, n_kv, d)[slots] = v
+        P.store_kvcache(k, v, k_cache, v_cache, slots)
         tables.append(blocks)
         seqs.append((q, k, v, m))
     width = max(len(t) for t in tables) + 1  # always at least one padding column
@@ -90,17 +89,19 @@ def test_prefill_with_cached_prefix(H, n_kv):
 @pytest.mark.parametrize("H,n_kv", GQA)
 @pytest.mark.parametrize("block_size", [16, 4])
 @pytest.mark.parametrize("pad", [-1, "nan-block"])
-def test_decode_equals_reference_and_dense(H, n_kv, block_size, pad):
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_decode_equals_reference_and_dense(H, n_kv, block_size, pad, static_shapes):
+    """static_shapes: every table entry is kept (what CUDA graphs replay), padding fully masked."""
     lens = [1, 15, 16, 17, 33, 64]
     seqs, kc, vc, bt, ctx = paged_layout(lens, [1] * len(lens), H, n_kv, 32, block_size, seed=2, pad=pad)
     q = torch.stack([s[0][-1] for s in seqs])                                  # (B, H, d)
-    out = P.paged_decode_attention(q, kc, vc, bt, ctx)
+    out = P.paged_decode_attention(q, kc, vc, bt, ctx, static_shapes)
     assert out.shape == q.shape and torch.isfinite(out).all()
     torch.testing.assert_close(out, P.decode_attention_reference(q, kc, vc, bt, ctx), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, torch.stack([dense_reference(*s[:3])[-1] for s in seqs]), atol=1e-5, rtol=1e-5)
     # Many trailing empty blocks (a wide, padded table) change nothing.
     wide = torch.cat([bt, torch.full((bt.shape[0], 5), -1)], dim=1)
-    torch.testing.assert_close(P.paged_decode_attention(q, kc, vc, wide, ctx), out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(P.paged_decode_attention(q, kc, vc, wide, ctx, static_shapes), out, atol=1e-6, rtol=1e-6)
 
 
 def test_int32_metadata_gives_the_same_result():
@@ -142,13 +143,15 @@ def test_bf16_prefill_and_decode():
 
 
 def test_store_kvcache_writes_exactly_the_slots():
-    kc = torch.zeros(4, 4, 2, 3)
+    kc = torch.zeros(4, 2, 4, 3)                             # (blocks, n_kv, block_size, d)
     vc = torch.zeros_like(kc)
     k, v = torch.randn(3, 2, 3), torch.randn(3, 2, 3)
-    P.store_kvcache(k, v, kc, vc, torch.tensor([9, 0, 15]))  # block 2 offset 1, block 0 offset 0, block 3 offset 3
-    assert torch.equal(kc[2, 1], k[0]) and torch.equal(kc[0, 0], k[1]) and torch.equal(kc[3, 3], k[2])
-    assert torch.equal(vc[2, 1], v[0]) and torch.equal(vc[3, 3], v[2])
-    assert int((kc != 0).any(-1).any(-1).sum()) == 3
+    slots = torch.tensor([9, 0, 15])                         # block 2 offset 1, block 0 offset 0, block 3 offset 3
+    P.store_kvcache(k, v, kc, vc, slots)
+    assert torch.equal(kc[2, :, 1], k[0]) and torch.equal(kc[0, :, 0], k[1]) and torch.equal(kc[3, :, 3], k[2])
+    assert torch.equal(vc[2, :, 1], v[0]) and torch.equal(vc[3, :, 3], v[2])
+    assert int((kc != 0).any(-1).sum()) == 3 * 2             # 3 slots x 2 heads, nothing else
+    assert torch.equal(P.read_slots(kc, slots), k) and torch.equal(P.read_slots(vc, slots), v)
 
 
 # ----------------------------------------------------------------------------- block manager: fuzz
@@ -522,7 +525,7 @@ def test_model_through_paged_context_equals_plain_model(tiny_model):
     bs = 4
     bm = P.BlockManager(num_blocks=40, block_size=bs)
     kv = P.allocate_kv_cache(cfg, 40, bs, torch.float32, "cpu")
-    assert kv.shape == (cfg.num_hidden_layers, 2, 40, bs, cfg.num_key_value_heads, cfg.head_dim)
+    assert kv.shape == (cfg.num_hidden_layers, 2, 40, cfg.num_key_value_heads, bs, cfg.head_dim)
     g = torch.Generator().manual_seed(0)
     streams: dict[int, list[int]] = {}
 

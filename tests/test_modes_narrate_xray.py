@@ -205,7 +205,7 @@ def test_xray_figures_match_an_independent_computation(tiny):
     assert f"GQA: {H} query heads share {n_kv} KV heads ({H // n_kv} query heads per KV head), head_dim {d}" in s
     # KV pool: bytes from the config, blocks from the block manager
     per_token = 2 * L * n_kv * d * 4
-    assert (f"kv_cache {(L, 2, 64, 16, n_kv, d)} float32 = {kib(per_token * 64 * 16)}; 1 of 64 blocks used "
+    assert (f"kv_cache {(L, 2, 64, n_kv, 16, d)} float32 = {kib(per_token * 64 * 16)}; 1 of 64 blocks used "
             f"({kib(16 * per_token)}), {kib(per_token)} per token, {kib(16 * per_token)} per 16-token block") in prefill
     assert f"[0] block table [0]: {n} of 16 slots filled" in prefill
 
@@ -252,7 +252,7 @@ def test_xray_demo_model_has_qwen3_0_6b_shapes(tmp_path, monkeypatch):
     per_token = 2 * 28 * 8 * 128 * 4                              # 229376 bytes = 224 KiB
     assert f"go through all 28 layers at once; their keys and values — {n} × 224 KiB = {kib(n * per_token)} —" in s
     assert "224 KiB per token, 3.5 MiB per 16-token block" in s            # 16 x 224 KiB
-    assert f"kv_cache (28, 2, 16, 16, 8, 128) float32 = {kib(16 * 16 * per_token)}" in s
+    assert f"kv_cache (28, 2, 16, 8, 16, 128) float32 = {kib(16 * 16 * per_token)}" in s
     assert "layer 27 of 28" in s
 
 
