@@ -37,11 +37,13 @@ only when the free list is empty, least recently used first. So the system promp
 request is still there for the next one. Only blocks whose every token is computed and verified
 are hashed (`commit`), never a partly filled block or speculative (draft) tokens.
 
-Attention over a block table: here the keys/values of a batch are gathered into a padded tensor,
-then attended with ordinary tensor ops. Real engines never make that copy: vLLM's paged-attention
-CUDA kernels and FlashAttention / FlashInfer (which take a block table) read each block in place,
-inside one fused kernel. Decoding (one new token per sequence) is computed block by block with the
-online softmax (see `paged_decode_attention`), the arithmetic those kernels use.
+Attention over a block table: here the blocks a step needs are gathered (copied whole, one
+contiguous run per block and KV head), then attended with ordinary tensor ops. Real engines never
+make that copy: vLLM's paged-attention CUDA kernels and FlashAttention / FlashInfer (which take a
+block table) read each block in place, inside one fused kernel. Decoding (one new token per
+sequence) is computed block by block with the online softmax (see `paged_decode_attention`), the
+arithmetic those kernels use. A prompt's first chunk needs no gather at all: its keys are the
+step's own (`_fresh_prefill`).
 
     python 04_paged_attention.py     # block tables drawn, prefix cache hits, paged == dense attention
 """
