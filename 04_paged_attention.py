@@ -435,7 +435,7 @@ def _decode_metadata(block_tables, context_lens, block_size: int, static_shapes:
     offsets = torch.arange(block_size, device=device)
     valid = index_in_seq[:, None] * block_size + offsets < context_lens[seq_of_block][:, None]   # (T, bs)
     last = torch.cumsum(blocks_used, 0) - 1 if not static_shapes else None          # (B,) each one's last entry
-    return SimpleNamespace(B=B, width=width, blocks=blocks, seq_of_block=seq_of_block, index_in_seq=index_in_seq,
+    return SimpleNamespace(width=width, blocks=blocks, seq_of_block=seq_of_block, index_in_seq=index_in_seq,
                            valid=valid, last=last)
 
 
