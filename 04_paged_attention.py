@@ -434,9 +434,12 @@ def _decode_metadata(block_tables, context_lens, block_size: int, static_shapes:
         blocks = block_tables.long()[seq_of_block, index_in_seq]                     # (T,)
     offsets = torch.arange(block_size, device=device)
     valid = index_in_seq[:, None] * block_size + offsets < context_lens[seq_of_block][:, None]   # (T, bs)
-    last = torch.cumsum(blocks_used, 0) - 1 if not static_shapes else None          # (B,) each one's last entry
+    last = last_valid = None
+    if not static_shapes:
+        last = torch.cumsum(blocks_used, 0) - 1                                      # (B,) each one's last entry
+        last_valid = valid[last][:, None, :, None]                                    # (B, 1, bs, 1)
     return SimpleNamespace(width=width, blocks=blocks, seq_of_block=seq_of_block, index_in_seq=index_in_seq,
-                           valid=valid, last=last)
+                           valid=valid, last=last, last_valid=last_valid)
 
 
 def _decode(q, k_cache, v_cache, meta):
@@ -450,8 +453,7 @@ def _decode(q, k_cache, v_cache, meta):
     if meta.last is None:
         v = torch.where(meta.valid[:, None, :, None], v, 0)
     else:
-        tail = meta.valid[meta.last][:, None, :, None]                                # (B, 1, bs, 1)
-        v.index_copy_(0, meta.last, torch.where(tail, v.index_select(0, meta.last), 0))
+        v.index_copy_(0, meta.last, torch.where(meta.last_valid, v.index_select(0, meta.last), 0))
     qg = (q * d ** -0.5).view(B, n_kv, g, d).to(k.dtype).index_select(0, meta.seq_of_block)   # (T, n_kv, g, d)
     s = torch.matmul(qg, k.transpose(-1, -2)).float()                                 # (T, n_kv, g, bs)
     s = torch.where(meta.valid[:, None, None, :], s, -math.inf)
