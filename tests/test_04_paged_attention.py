@@ -116,11 +116,12 @@ def test_int32_metadata_gives_the_same_result():
                        P.paged_decode_attention(qd, kc, vc, bt, ctx))
 
 
-def test_decode_online_softmax_is_stable_for_large_scores():
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_decode_online_softmax_is_stable_for_large_scores(static_shapes):
     """Scores in the thousands: a plain exp would overflow; the running max keeps it finite."""
     seqs, kc, vc, bt, ctx = paged_layout([40, 7], [1, 1], 4, 2, 16, 4, seed=3)
     q = 300 * torch.stack([s[0][-1] for s in seqs])
-    out = P.paged_decode_attention(q, kc, vc, bt, ctx)
+    out = P.paged_decode_attention(q, kc, vc, bt, ctx, static_shapes)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, P.decode_attention_reference(q, kc, vc, bt, ctx), atol=1e-4, rtol=1e-4)
 
