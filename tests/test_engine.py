@@ -1,5 +1,6 @@
 """engine.py: continuous batching, paging, preemption, prefix caching and chunked prefill must all give
 exactly the tokens of the simplest path (02_model.naive_generate: no cache, batch of one)."""
+import mmap
 import random
 
 import pytest
@@ -212,3 +213,25 @@ def test_bf16_engine_packs_its_weights_and_keeps_the_model_s_predictions(folders
     top2 = b.topk(2, -1).values
     clear = (top2[:, 0] - top2[:, 1]) > 2 * noise
     assert clear.sum() > len(ids) // 2 and torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
+
+
+def test_huge_pages_keep_values_ties_and_zeroes(folders):
+    """The KV pool and the weights move to 2 MiB-aligned anonymous memory: zeroed, writable, the
+    same model (tied lm_head still the embedding), the same logits bit for bit."""
+    pool = E.huge_page_zeros((3, 5, 7), torch.bfloat16)
+    assert pool.shape == (3, 5, 7) and pool.dtype == torch.bfloat16 and not pool.any()
+    pool[1, 2, 3] = 4.0
+    assert pool.sum().item() == 4.0
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert pool.data_ptr() % E.HUGE_PAGE == 0
+    model = M.load_model(folders["tiny"], torch.float32)
+    ids = torch.tensor(prompts()[6])
+    with torch.inference_mode():
+        before = model.compute_logits(model(ids, torch.arange(len(ids))))
+        moved = E.move_to_huge_pages(model)
+        after = model.compute_logits(model(ids, torch.arange(len(ids))))
+    assert moved >= sum(p.nbytes for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(before, after)
+    eng = engine(folders["tiny"], dtype="float32")
+    assert not eng.kv_cache.any() and eng.kv_cache.shape[2] == eng.num_kv_blocks
