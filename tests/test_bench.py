@@ -1,0 +1,35 @@
+"""bench.py: the JSON contract scripts read, the roofline inputs, and bad input."""
+import json
+
+import torch
+
+from conftest import load
+
+B = load("bench")
+
+
+def test_tiny_run_reports_rooflines_and_cache_identity(capsys):
+    assert B.main(["--model", "tiny", "--quick", "--dtype", "float32", "--workloads", "decode,prefill,prefix",
+                   "--output", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["machine"]["threads"] == torch.get_num_threads() and doc["device"] == "cpu"
+    (r,) = doc["results"]
+    assert r["dtype"] == "float32" and r["memory_read_gb_s"] > 0 and r["matmul_gflop_s"] > 0
+    for name in ("decode", "prefill"):
+        w = r[name]
+        assert w["roofline_tok_s"] > 0 and w["fraction_of_roofline"] == round(
+            w[f"{name}_tok_s"] / w["roofline_tok_s"], 3)
+    assert r["decode"]["output_tokens"] == 32                  # ignore_eos: every requested token
+    assert r["prefix"]["prefix_cache_hit_tokens"] > 0 and r["prefix"]["identical_with_and_without_cache"]
+
+
+def test_weight_bytes_count_a_tied_head_once():
+    M = load("02_model")
+    cfg = M.PRESETS["demo"]
+    assert B.weight_bytes(cfg, torch.bfloat16) == 2 * 596_049_920       # Qwen3-0.6B: 0.6B parameters
+    assert B.weight_bytes(cfg, torch.float32) == 2 * B.weight_bytes(cfg, torch.bfloat16)
+
+
+def test_bad_workload_is_exit_2(capsys):
+    assert B.main(["--workloads", "decode,typo"]) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown workload 'typo' (allowed: decode, prefill, mixed, prefix)"
