@@ -37,14 +37,14 @@ only when the free list is empty, least recently used first. So the system promp
 request is still there for the next one. Only blocks whose every token is computed and verified
 are hashed (`commit`), never a partly filled block or speculative (draft) tokens.
 
-Attention over a block table: here the blocks a step needs are gathered (copied whole, one
-contiguous run per block and KV head), then attended with ordinary tensor ops. Real engines never
-make that copy: vLLM's paged-attention CUDA kernels and FlashAttention / FlashInfer (which take a
-block table) read each block in place, inside one fused kernel. Decoding (one new token per
-sequence) gathers every sequence's blocks in one copy and runs one fused SDPA per sequence over
-exactly its tokens; where shapes must not depend on the data (CUDA graphs) it is computed block
-by block with the online softmax, the arithmetic those kernels use (see `paged_decode_attention`).
-A prompt's first chunk needs no gather at all: its keys are the step's own (`_fresh_prefill`).
+Attention over a block table: here the blocks a step needs are gathered in one copy (whole
+blocks, one contiguous run per block and KV head), then each sequence - a prompt chunk or one
+decoding token alike - is one fused SDPA over exactly its tokens (`_step_plan`). A prompt's first
+chunk needs no gather at all: its keys are the step's own. Real engines never make that copy:
+vLLM's paged-attention CUDA kernels and FlashAttention / FlashInfer (which take a block table)
+read each block in place, inside one fused kernel. Where shapes must not depend on the data (CUDA
+graphs), decoding is computed block by block with the online softmax, the arithmetic those kernels
+use (see `paged_decode_attention`).
 
     python 04_paged_attention.py     # block tables drawn, prefix cache hits, paged == dense attention
 """
@@ -325,76 +325,61 @@ def read_slots(cache, slot_mapping) -> torch.Tensor:
     return cache[slot_mapping // block_size, :, slot_mapping % block_size]
 
 
-def _kv_index(block_tables, context_lens, block_size: int, n_kv: int, num_blocks: int):
-    """Rows that gather a batch's keys head-major from the (blocks * n_kv, block_size * d) view of
-    a cache: row block * n_kv + h is head h's run in that block. Ordered (B, n_kv, num_blocks),
-    they give (B, n_kv, num_blocks * block_size, d) directly. Table entries past a sequence's last
-    block (padding, any id) read its first block instead. Also returns valid (B, L): positions
-    < context_len; the rest (padding and the unwritten tail of a last block) must get weight 0."""
-    block_tables = block_tables[:, :num_blocks].long()                              # (B, nb)
-    blocks_used = -(-context_lens[:, None] // block_size)                            # (B, 1)
-    in_use = torch.arange(num_blocks, device=block_tables.device) < blocks_used      # (B, nb)
-    block_tables = torch.where(in_use, block_tables, block_tables[:, :1])
-    heads = torch.arange(n_kv, device=block_tables.device)
-    index = block_tables[:, None, :] * n_kv + heads[None, :, None]                   # (B, n_kv, nb)
-    valid = torch.arange(num_blocks * block_size, device=block_tables.device) < context_lens[:, None]
-    return index.reshape(-1), valid                                                  # (B*n_kv*nb,), (B, L)
+# ----------------------------------------------------------------------------- attention, per sequence
 
 
-def _gather(cache, index, B: int, length: int):
-    """(num_blocks, n_kv, block_size, d) cache -> (B, n_kv, length, d), contiguous."""
-    n_kv, block_size, d = cache.shape[1:]
-    return cache.view(-1, block_size * d).index_select(0, index).view(B, n_kv, length, d)
+def _step_plan(block_tables, context_lens, q_lens, block_size: int, n_kv: int, own_kv):
+    """Everything about a step's attention that does not depend on the layer, built once per step
+    (vLLM's attention metadata does the same). Sequence b's q_len new tokens are the LAST q_len of
+    its context_len positions (a cached prefix or earlier chunks come before them).
+
+    own_kv[b]: nothing is cached before the chunk (context_len == q_len, a new prompt's first
+    chunk), so its keys are exactly the step's own k/v: no gather. Every other sequence's blocks in
+    use are gathered head by head, sequence after sequence, in one copy: `index` are the rows of the
+    (blocks * n_kv, block_size * d) view of a cache, giving (n_kv, tokens, d). Each sequence then
+    attends to its span of exactly context_len tokens (so the unwritten tail of a last block, or a
+    padding table entry, is never read) with a causal mask aligned to the bottom right: query row i
+    sits at position context_len - q_len + i and sees the keys up to there."""
+    lens, q_lens = context_lens.tolist(), q_lens.tolist()                       # one sync per step
+    blocks_used = [0 if own else -(-n // block_size) for n, own in zip(lens, own_kv)]
+    device = block_tables.device
+    in_use = torch.arange(block_tables.shape[1], device=device) < torch.tensor(blocks_used, device=device)[:, None]
+    blocks = block_tables.long()[in_use]                                          # (T,) sequence by sequence
+    index = (blocks[None, :] * n_kv + torch.arange(n_kv, device=device)[:, None]).reshape(-1)   # (n_kv * T,)
+    seqs, q_start, kv_start = [], 0, 0
+    for n, m, own, used in zip(lens, q_lens, own_kv, blocks_used):
+        mask = None
+        if 1 < m < n:
+            q_pos = torch.arange(n - m, n, device=device)
+            mask = torch.arange(n, device=device)[None, :] <= q_pos[:, None]      # (q_len, context_len)
+        seqs.append(SimpleNamespace(q=(q_start, q_start + m), own=own, kv=(kv_start, kv_start + n),
+                                    causal=m == n and m > 1, mask=mask))
+        q_start, kv_start = q_start + m, kv_start + used * block_size
+    return SimpleNamespace(index=index, seqs=seqs)
 
 
-# ----------------------------------------------------------------------------- prefill
-
-
-def _prefill_metadata(cu_seqlens_q, context_lens, block_tables, block_size: int, n_kv: int):
-    """Everything about a prefill batch that does not depend on the layer: built once per step."""
-    cu_seqlens_q, context_lens = cu_seqlens_q.long(), context_lens.long()  # vLLM passes int32
-    B = context_lens.shape[0]
-    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]                                    # (B,)
-    max_q, num_blocks = int(q_lens.max()), -(-int(context_lens.max()) // block_size)
-    length = num_blocks * block_size
-    seq_of_token = torch.repeat_interleave(torch.arange(B, device=q_lens.device), q_lens)   # (N,)
-    row = torch.arange(seq_of_token.shape[0], device=q_lens.device) - cu_seqlens_q[seq_of_token]
-    q_index = seq_of_token * max_q + row                                             # (N,) into (B*max_q)
-    kv_index, valid = _kv_index(block_tables, context_lens, block_size, n_kv, num_blocks)
-    # Row i of sequence b is the token at position context_len - q_len + i; it sees keys up to there.
-    q_pos = (context_lens - q_lens)[:, None] + torch.arange(max_q, device=q_lens.device)   # (B, max_q)
-    k_pos = torch.arange(length, device=q_lens.device)
-    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & valid[:, None, :]           # (B, max_q, L)
-    # Padding rows (i >= q_len) have q_pos >= context_len: they see the whole context, never an
-    # empty row (which would make NaN), and are dropped at the end anyway.
-    return SimpleNamespace(B=B, max_q=max_q, length=length, q_index=q_index, kv_index=kv_index,
-                           invalid=~valid[:, None, :, None], mask=mask[:, None])    # (B, 1, max_q, L)
-
-
-def _prefill(q, k_cache, v_cache, meta):
-    N, H, d = q.shape
-    B, max_q = meta.B, meta.max_q
-    # Unwritten slots may hold anything (a block's previous owner, NaN in the tests): zero them, as
-    # masked scores give exactly 0 weight only to finite numbers (0 * NaN is NaN).
-    k = _gather(k_cache, meta.kv_index, B, meta.length).masked_fill_(meta.invalid, 0)   # (B, n_kv, L, d)
-    v = _gather(v_cache, meta.kv_index, B, meta.length).masked_fill_(meta.invalid, 0)   # (B, n_kv, L, d)
-    q_pad = q.new_zeros(B * max_q, H, d).index_copy_(0, meta.q_index, q)             # (B*max_q, H, d)
-    q_pad = q_pad.view(B, max_q, H, d).transpose(1, 2)                               # (B, H, max_q, d)
-    out = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=meta.mask, enable_gqa=True)  # (B, H, max_q, d)
-    out = out.transpose(1, 2).reshape(B * max_q, H, d)                               # (B*max_q, H, d)
-    return out.index_select(0, meta.q_index)                                         # (N, H, d)
-
-
-def _fresh_prefill(q, k, v, spans):
-    """Chunks with nothing cached before them (context_len == q_len: a new prompt's first chunk)
-    attend only to their own keys, which are this step's k/v: plain causal attention on each
-    span [start, end) of the packed tokens, no gather and no mask (SDPA's causal kernel skips the
-    upper triangle). Same numbers as the gathered path, a fraction of the work."""
-    heads_first = lambda x: x.transpose(0, 1)[None]      # noqa: E731   (n, h, d) -> (1, h, n, d): 4-D takes
-    outs = [F.scaled_dot_product_attention(                 # the CPU flash kernel (3-D falls back to plain math)
-        heads_first(q[s:e]), heads_first(k[s:e]), heads_first(v[s:e]), is_causal=True, enable_gqa=True)[0].transpose(0, 1)
-        for s, e in spans]                                                           # each (e - s, H, d)
-    return outs[0] if len(outs) == 1 else torch.cat(outs)                           # (N, H, d)
+def _attend_per_sequence(q, k, v, k_cache, v_cache, plan):
+    """q (N, H, d) and the step's own k/v (N, n_kv, d; None: every sequence reads the cache) ->
+    (N, H, d): one gather for the whole step, then one fused SDPA per sequence."""
+    n_kv, bs, d = k_cache.shape[1:]
+    heads_first = lambda x: x.transpose(0, 1)[None]          # noqa: E731   (n, h, d) -> (1, h, n, d)
+    if plan.index.numel():
+        total = plan.index.shape[0] // n_kv * bs
+        k_all = k_cache.view(-1, bs * d).index_select(0, plan.index).view(1, n_kv, total, d)
+        v_all = v_cache.view(-1, bs * d).index_select(0, plan.index).view(1, n_kv, total, d)
+    outs = []
+    for seq in plan.seqs:
+        (qa, qb), (ka, kb) = seq.q, seq.kv
+        if seq.own:
+            keys, values = heads_first(k[qa:qb]), heads_first(v[qa:qb])           # (1, n_kv, q_len, d)
+        else:
+            keys, values = k_all[:, :, ka:kb], v_all[:, :, ka:kb]                 # (1, n_kv, context_len, d)
+        # 4-D inputs take SDPA's fused CPU kernel (3-D ones fall back to plain math); GQA without
+        # repeating K/V; is_causal lets the kernel skip the upper triangle.
+        out = F.scaled_dot_product_attention(heads_first(q[qa:qb]), keys, values, attn_mask=seq.mask,
+                                             is_causal=seq.causal, enable_gqa=True)   # (1, H, q_len, d)
+        outs.append(out[0].transpose(0, 1))                                       # (q_len, H, d)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)                        # (N, H, d)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables):
@@ -405,37 +390,22 @@ def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, blo
     Their k/v must already be stored in the caches (num_blocks, n_kv, block_size, d).
     block_tables (B, max_blocks), padded with any id (-1 is fine). Returns (N, H, d).
 
-    Vectorised: gather (B, n_kv, max_context, d), scatter q into (B, max_q, H, d), one masked SDPA
-    (causal within each sequence, nothing across sequences, GQA without repeating K/V), unpad.
-    A decode token is just a chunk of length 1, so mixed prefill + decode batches work too.
+    One gather of every sequence's blocks in use, then one SDPA per sequence over exactly its
+    context (see `_step_plan`). A decode token is just a chunk of length 1, so mixed prefill +
+    decode batches work too. No sequence is padded to the longest one: the work is the tokens.
     """
-    meta = _prefill_metadata(cu_seqlens_q, context_lens, block_tables, k_cache.shape[2], k_cache.shape[1])
-    return _prefill(q, k_cache, v_cache, meta)
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    plan = _step_plan(block_tables, context_lens, q_lens, k_cache.shape[2], k_cache.shape[1],
+                      [False] * len(q_lens))
+    return _attend_per_sequence(q, None, None, k_cache, v_cache, plan)
 
 
-# ----------------------------------------------------------------------------- decode
+# ----------------------------------------------------------------------------- decode, blockwise
 
 
-def _decode_metadata(block_tables, context_lens, block_size: int, n_kv: int, static_shapes: bool = False):
-    """The step's decode work, built once per step (it does not depend on the layer).
-
-    Default (per sequence): the rows that gather every sequence's blocks head-major into one
-    (n_kv, total_tokens, d) tensor, sequence after sequence, and each sequence's [start, end) in
-    it: exactly its context_len tokens, so the unwritten tail of a last block is never read.
-    static_shapes=True (CUDA graphs, blockwise): a flat list of T = B x width (sequence, block)
-    entries, shapes from the table alone, entries past a sequence's end fully masked."""
-    if not static_shapes:
-        lens = context_lens.tolist()                                                  # one sync per step
-        blocks_used = [-(-n // block_size) for n in lens]
-        in_use = torch.arange(block_tables.shape[1], device=block_tables.device) < \
-            torch.tensor(blocks_used, device=block_tables.device)[:, None]          # (B, width)
-        blocks = block_tables.long()[in_use]                                         # (T,) sequence by sequence
-        heads = torch.arange(n_kv, device=blocks.device)
-        index = (blocks[None, :] * n_kv + heads[:, None]).reshape(-1)                # (n_kv * T,)
-        starts = [0]
-        for used in blocks_used:
-            starts.append(starts[-1] + used * block_size)
-        return SimpleNamespace(static=False, index=index, spans=[(a, a + n) for a, n in zip(starts, lens)])
+def _blockwise_metadata(block_tables, context_lens, block_size: int):
+    """Decode work with shapes that depend only on the tables' shapes (what CUDA graphs replay):
+    a flat list of T = B x width (sequence, block) entries, entries past a sequence's end masked."""
     B, width = block_tables.shape
     device = block_tables.device
     blocks_used = -(-context_lens.long() // block_size)                              # (B,)
@@ -445,21 +415,7 @@ def _decode_metadata(block_tables, context_lens, block_size: int, n_kv: int, sta
     blocks = torch.where(in_use, block_tables.long(), block_tables[:, :1].long()).reshape(-1)
     offsets = torch.arange(block_size, device=device)
     valid = index_in_seq[:, None] * block_size + offsets < context_lens[seq_of_block][:, None]   # (T, bs)
-    return SimpleNamespace(static=True, width=width, blocks=blocks, seq_of_block=seq_of_block,
-                           index_in_seq=index_in_seq, valid=valid)
-
-
-def _decode(q, k_cache, v_cache, meta):
-    if meta.static:
-        return _decode_blockwise(q, k_cache, v_cache, meta)
-    B, H, d = q.shape
-    n_kv, bs = k_cache.shape[1], k_cache.shape[2]
-    total = meta.index.shape[0] // n_kv * bs
-    k = k_cache.view(-1, bs * d).index_select(0, meta.index).view(1, n_kv, total, d)  # (1, n_kv, total, d)
-    v = v_cache.view(-1, bs * d).index_select(0, meta.index).view(1, n_kv, total, d)
-    outs = [F.scaled_dot_product_attention(q[b, None, :, None], k[:, :, s:e], v[:, :, s:e], enable_gqa=True)
-            for b, (s, e) in enumerate(meta.spans)]                                  # each (1, H, 1, d)
-    return torch.cat(outs).view(B, H, d)
+    return SimpleNamespace(width=width, blocks=blocks, seq_of_block=seq_of_block, valid=valid)
 
 
 def _decode_blockwise(q, k_cache, v_cache, meta):
@@ -524,8 +480,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, stat
     nothing valid has m_j = -inf, and its weight exp(-inf - m) = 0. Scores and outputs come from
     matmuls in the cache dtype; max, exp and sums are fp32.
     """
-    meta = _decode_metadata(block_tables, context_lens, k_cache.shape[2], k_cache.shape[1], static_shapes)
-    return _decode(q, k_cache, v_cache, meta)
+    if static_shapes:
+        return _decode_blockwise(q, k_cache, v_cache, _blockwise_metadata(block_tables, context_lens, k_cache.shape[2]))
+    plan = _step_plan(block_tables, context_lens, torch.ones_like(context_lens), k_cache.shape[2], k_cache.shape[1],
+                      [False] * len(context_lens))
+    return _attend_per_sequence(q, None, None, k_cache, v_cache, plan)
 
 
 def decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens):
@@ -556,9 +515,9 @@ class PagedContext:
       prefill (cu_seqlens_q given): cu_seqlens_q (B+1,), context_lens (B,), block_tables (B, max_blocks)
       decode  (cu_seqlens_q None):  block_tables (B, max_blocks), context_lens (B,), one token each.
     Index tensors are int64 on the cache's device. The gather indices and masks do not depend on
-    the layer, so they are built here once per step and reused by every layer (vLLM's attention
-    metadata does the same). static_shapes: decode metadata whose shapes depend on the tensors'
-    shapes only, never on their values (what a CUDA graph replays).
+    the layer, so they are built here once per step and reused by every layer (`_step_plan`).
+    static_shapes (decode only): the blockwise form, whose shapes depend on the tensors' shapes
+    only, never on their values (what a CUDA graph replays).
     """
 
     def __init__(self, kv_cache, slot_mapping, block_tables, context_lens, cu_seqlens_q=None,
@@ -569,32 +528,13 @@ class PagedContext:
         self.cu_seqlens_q = cu_seqlens_q
         self.is_prefill = cu_seqlens_q is not None
         n_kv, block_size = kv_cache.shape[3], kv_cache.shape[4]
-        self.decode_tokens = None
-        if not self.is_prefill:
-            self.meta = _decode_metadata(block_tables, context_lens, block_size, n_kv, static_shapes)
+        self.blockwise = self.plan = None
+        if static_shapes and not self.is_prefill:
+            self.blockwise = _blockwise_metadata(block_tables, context_lens, block_size)
             return
-        q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]                                   # (B,)
-        single = q_lens == 1
-        if bool(single.any()) and not bool(single.all()):
-            # A mixed step: prefill chunks and decoding sequences. Padding each decode row to the
-            # longest chunk would make attention cost B x max_q x context; the one-token rows take
-            # the decode path instead and the chunks the prefill path.
-            seq_of_token = torch.repeat_interleave(torch.arange(len(q_lens), device=q_lens.device), q_lens)
-            token_is_decode = single[seq_of_token]                                       # (N,)
-            self.decode_tokens = token_is_decode.nonzero().squeeze(1)
-            self.prefill_tokens = (~token_is_decode).nonzero().squeeze(1)
-            self.decode_meta = _decode_metadata(block_tables[single], context_lens[single], block_size, n_kv)
-            chunk = ~single
-            q_lens, context_lens, block_tables = q_lens[chunk], context_lens[chunk], block_tables[chunk]
-        cu_chunks = F.pad(q_lens.cumsum(0), (1, 0))
-        # Every chunk starts its sequence (nothing cached before it): causal attention over the
-        # step's own k/v, spans in the (prefill part of the) packed tokens. Else gather through blocks.
-        self.fresh_spans = None
-        if bool((context_lens == q_lens).all()):
-            bounds = cu_chunks.tolist()
-            self.fresh_spans = list(zip(bounds[:-1], bounds[1:]))
-        else:
-            self.meta = _prefill_metadata(cu_chunks, context_lens, block_tables, block_size, n_kv)
+        q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1] if self.is_prefill else torch.ones_like(context_lens)
+        own_kv = (context_lens == q_lens).tolist()          # nothing cached before the chunk: no gather
+        self.plan = _step_plan(block_tables, context_lens, q_lens, block_size, n_kv, own_kv)
 
     @classmethod
     def from_spans(cls, kv_cache, block_manager: BlockManager, spans, decode: bool | None = None):
@@ -619,20 +559,9 @@ class PagedContext:
         """q (N, H, d), k/v (N, n_kv, d) of the step's new tokens -> (N, H, d)."""
         k_cache, v_cache = self.kv_cache[layer_idx, 0], self.kv_cache[layer_idx, 1]
         store_kvcache(k, v, k_cache, v_cache, self.slot_mapping)
-        if not self.is_prefill:
-            return _decode(q, k_cache, v_cache, self.meta)
-        if self.decode_tokens is None:
-            return self._prefill_part(q, k, v, k_cache, v_cache)
-        out = torch.empty_like(q)                                                        # (N, H, d)
-        out[self.decode_tokens] = _decode(q[self.decode_tokens], k_cache, v_cache, self.decode_meta)
-        idx = self.prefill_tokens
-        out[idx] = self._prefill_part(q[idx], k[idx], v[idx], k_cache, v_cache)
-        return out
-
-    def _prefill_part(self, q, k, v, k_cache, v_cache):
-        if self.fresh_spans is not None:
-            return _fresh_prefill(q, k, v, self.fresh_spans)
-        return _prefill(q, k_cache, v_cache, self.meta)
+        if self.blockwise is not None:
+            return _decode_blockwise(q, k_cache, v_cache, self.blockwise)
+        return _attend_per_sequence(q, k, v, k_cache, v_cache, self.plan)
 
 
 # ----------------------------------------------------------------------------- demo

@@ -589,16 +589,17 @@ def test_model_through_paged_context_equals_plain_model(tiny_model):
     assert bm.num_free_blocks == bm.num_blocks and bm.num_used_blocks == 0
 
 
-@pytest.mark.parametrize("spans, fresh", [
-    ([(0, 9, 10), (1, 3, 12), (2, 5, 6), (3, 0, 7)], False),   # decode, chunk after 3 cached, decode, chunk
-    ([(0, 9, 10), (1, 0, 12), (2, 5, 6), (3, 0, 7)], True),    # both chunks start their sequence
-    ([(1, 0, 12), (3, 0, 7)], True),                            # fresh prompts only
-    ([(1, 0, 12), (3, 2, 7)], False),
+@pytest.mark.parametrize("spans", [
+    [(0, 9, 10), (1, 3, 12), (2, 5, 6), (3, 0, 7)],     # decode, chunk after 3 cached, decode, new prompt
+    [(0, 9, 10), (1, 0, 12), (2, 5, 6), (3, 0, 7)],     # both chunks start their sequence
+    [(1, 0, 12), (3, 0, 7)],                             # new prompts only
+    [(1, 0, 12), (3, 2, 7)],
+    [(0, 0, 1), (2, 5, 6)],                              # a one-token prompt and a decode
 ])
-def test_prefill_steps_match_the_gathered_prefill_path(spans, fresh):
-    """A step with prefill chunks and one-token decodes: decode rows go through the decode path
-    (no padding to the longest chunk); chunks with nothing before them attend to their own k/v
-    without a gather. Every combination equals the all-prefill gathered computation."""
+def test_step_attention_equals_reading_everything_from_the_cache(spans):
+    """A step mixing prefill chunks and one-token decodes: a chunk with nothing cached before it
+    attends to the step's own k/v (no gather), every other sequence reads its blocks. Either way
+    the result equals reading every sequence from the cache."""
     torch.manual_seed(0)
     cfg = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=2, head_dim=16)
     bm = P.BlockManager(16, 4, enable_prefix_caching=False)
@@ -607,12 +608,10 @@ def test_prefill_steps_match_the_gathered_prefill_path(spans, fresh):
     for sid, _, end in spans:
         bm.allocate(sid, list(range(end)), num_new_tokens=end)
     ctx = P.PagedContext.from_spans(kv, bm, spans)
-    starts = [sum(e - s for _, s, e in spans[:i]) for i in range(len(spans))]
-    decode_rows = [at for at, (_, s, e) in zip(starts, spans) if e - s == 1]
-    assert ctx.is_prefill and (ctx.decode_tokens is None if not decode_rows else ctx.decode_tokens.tolist() == decode_rows)
-    assert (ctx.fresh_spans is not None) == fresh
+    assert [seq.own for seq in ctx.plan.seqs] == [start == 0 for _, start, _ in spans]
     n = sum(e - s for _, s, e in spans)
     q, k, v = torch.randn(n, 4, 16), torch.randn(n, 2, 16), torch.randn(n, 2, 16)
     out = ctx.attend(0, q, k, v)                                          # stores k/v, then attends
-    ref = P.paged_prefill_attention(q, kv[0, 0], kv[0, 1], ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables)
+    ref = P.paged_prefill_attention(q, kv[0, 0], kv[0, 1], torch.tensor([0] + [e - s for _, s, e in spans]).cumsum(0),
+                                    ctx.context_lens, ctx.block_tables)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
