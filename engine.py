@@ -430,7 +430,9 @@ class LLMEngine:
         self.linear_kernels = None
         if self.device.type == "cpu" and not config.compile:   # compile picks its own kernels (freezing)
             self.linear_kernels = use_cpu_linear_kernels(self.model, self.dtype)
-        if self.device.type == "cpu":
+        # Not under compile: inductor's freezing copies the weights into constants of its own, and it
+        # misreads parameters that are views into one shared buffer (the compiled model emitted garbage).
+        if self.device.type == "cpu" and not config.compile:
             move_to_huge_pages(self.model)
         self.model_config = mc = self.model.config
         self.tokenizer = tokenizer or tokenize.load_tokenizer(folder)
@@ -484,7 +486,7 @@ class LLMEngine:
         draft = qwen3.load_model(folder, self.dtype, self.device)
         if self.linear_kernels is not None:   # the same CPU kernels as the target
             use_cpu_linear_kernels(draft, self.dtype)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and not self.config.compile:
             move_to_huge_pages(draft)
         return draft
 

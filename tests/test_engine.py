@@ -2,6 +2,7 @@
 exactly the tokens of the simplest path (02_model.naive_generate: no cache, batch of one)."""
 import mmap
 import random
+import shutil
 
 import pytest
 import torch
@@ -67,6 +68,16 @@ def test_engine_equals_naive_generate(folders, reference, name, setting):
     if "num_kv_blocks" in setting:
         assert eng.stats_summary()["preemptions"] > 0
     assert eng.block_manager.num_free_blocks == eng.num_kv_blocks       # everything given back
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="inductor compiles C++: needs a compiler")
+def test_compiled_engine_equals_naive_generate(folders, reference):
+    """--compile (inductor, weights frozen into the graph, token counts padded to buckets): a real
+    compile of `tiny`, ~15 s. Guards the compiled path itself, e.g. against weights that freezing
+    would read wrongly."""
+    eng = engine(folders["tiny"], compile=True, max_num_batched_tokens=64, max_num_seqs=4)
+    outs = eng.generate(prompts()[:3], GREEDY)
+    assert [o.token_ids for o in outs] == reference["tiny"][:3]
 
 
 def test_prefix_caching_hits_and_is_identical(folders):
