@@ -428,11 +428,10 @@ class LLMEngine:
             keep_freed_memory_mapped()
         self.model = qwen3.load_model(folder, self.dtype, self.device)
         self.linear_kernels = None
-        if self.device.type == "cpu" and not config.compile:   # compile picks its own kernels (freezing)
-            self.linear_kernels = use_cpu_linear_kernels(self.model, self.dtype)
-        # Not under compile: inductor's freezing copies the weights into constants of its own, and it
-        # misreads parameters that are views into one shared buffer (the compiled model emitted garbage).
+        # Not under compile: inductor's freezing picks its own kernels and copies the weights into
+        # constants of its own (and misreads parameters that are views into one shared buffer).
         if self.device.type == "cpu" and not config.compile:
+            self.linear_kernels = use_cpu_linear_kernels(self.model, self.dtype)
             move_to_huge_pages(self.model)
         self.model_config = mc = self.model.config
         self.tokenizer = tokenizer or tokenize.load_tokenizer(folder)
@@ -484,9 +483,8 @@ class LLMEngine:
         spec.check_same_vocabulary(self.model_config, qwen3.load_config(folder), self.tokenizer,
                                    tokenize.load_tokenizer(folder), name)
         draft = qwen3.load_model(folder, self.dtype, self.device)
-        if self.linear_kernels is not None:   # the same CPU kernels as the target
+        if self.device.type == "cpu" and not self.config.compile:   # the same CPU kernels and pages as the target
             use_cpu_linear_kernels(draft, self.dtype)
-        if self.device.type == "cpu" and not self.config.compile:
             move_to_huge_pages(draft)
         return draft
 
