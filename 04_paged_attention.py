@@ -328,19 +328,21 @@ def read_slots(cache, slot_mapping) -> torch.Tensor:
 # ----------------------------------------------------------------------------- attention, per sequence
 
 
-def _step_plan(block_tables, context_lens, q_lens, block_size: int, n_kv: int, own_kv):
+def _step_plan(block_tables, context_lens, q_lens, block_size: int, n_kv: int, step_kv: bool):
     """Everything about a step's attention that does not depend on the layer, built once per step
     (vLLM's attention metadata does the same). Sequence b's q_len new tokens are the LAST q_len of
     its context_len positions (a cached prefix or earlier chunks come before them).
 
-    own_kv[b]: nothing is cached before the chunk (context_len == q_len, a new prompt's first
-    chunk), so its keys are exactly the step's own k/v: no gather. Every other sequence's blocks in
+    step_kv: the step's own k/v will be at hand (PagedContext.attend). Then a chunk with nothing
+    cached before it (context_len == q_len, a new prompt's first chunk) reads its keys from them:
+    no gather. Every other sequence's blocks in
     use are gathered head by head, sequence after sequence, in one copy: `index` are the rows of the
     (blocks * n_kv, block_size * d) view of a cache, giving (n_kv, tokens, d). Each sequence then
     attends to its span of exactly context_len tokens (so the unwritten tail of a last block, or a
     padding table entry, is never read) with a causal mask aligned to the bottom right: query row i
     sits at position context_len - q_len + i and sees the keys up to there."""
     lens, q_lens = context_lens.tolist(), q_lens.tolist()                       # one sync per step
+    own_kv = [step_kv and n == m for n, m in zip(lens, q_lens)]
     blocks_used = [0 if own else -(-n // block_size) for n, own in zip(lens, own_kv)]
     device = block_tables.device
     in_use = torch.arange(block_tables.shape[1], device=device) < torch.tensor(blocks_used, device=device)[:, None]
@@ -395,8 +397,7 @@ def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, blo
     decode batches work too. No sequence is padded to the longest one: the work is the tokens.
     """
     q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-    plan = _step_plan(block_tables, context_lens, q_lens, k_cache.shape[2], k_cache.shape[1],
-                      [False] * len(q_lens))
+    plan = _step_plan(block_tables, context_lens, q_lens, k_cache.shape[2], k_cache.shape[1], step_kv=False)
     return _attend_per_sequence(q, None, None, k_cache, v_cache, plan)
 
 
@@ -483,7 +484,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, stat
     if static_shapes:
         return _decode_blockwise(q, k_cache, v_cache, _blockwise_metadata(block_tables, context_lens, k_cache.shape[2]))
     plan = _step_plan(block_tables, context_lens, torch.ones_like(context_lens), k_cache.shape[2], k_cache.shape[1],
-                      [False] * len(context_lens))
+                      step_kv=False)
     return _attend_per_sequence(q, None, None, k_cache, v_cache, plan)
 
 
@@ -533,8 +534,7 @@ class PagedContext:
             self.blockwise = _blockwise_metadata(block_tables, context_lens, block_size)
             return
         q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1] if self.is_prefill else torch.ones_like(context_lens)
-        own_kv = (context_lens == q_lens).tolist()          # nothing cached before the chunk: no gather
-        self.plan = _step_plan(block_tables, context_lens, q_lens, block_size, n_kv, own_kv)
+        self.plan = _step_plan(block_tables, context_lens, q_lens, block_size, n_kv, step_kv=True)
 
     @classmethod
     def from_spans(cls, kv_cache, block_manager: BlockManager, spans, decode: bool | None = None):
