@@ -43,8 +43,8 @@ decoding token alike - is one fused SDPA over exactly its tokens (`_step_plan`).
 chunk needs no gather at all: its keys are the step's own. Real engines never make that copy:
 vLLM's paged-attention CUDA kernels and FlashAttention / FlashInfer (which take a block table)
 read each block in place, inside one fused kernel. Where shapes must not depend on the data (CUDA
-graphs), decoding is computed block by block with the online softmax, the arithmetic those kernels
-use (see `paged_decode_attention`).
+graphs), each decoding sequence gathers its whole block table, padded, and a mask hides the slots
+past its end (see `paged_decode_attention`).
 
     python 04_paged_attention.py     # block tables drawn, prefix cache hits, paged == dense attention
 """
@@ -401,46 +401,36 @@ def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, blo
     return _attend_per_sequence(q, None, None, k_cache, v_cache, plan)
 
 
-# ----------------------------------------------------------------------------- decode, blockwise
+# ----------------------------------------------------------------------------- decode, static shapes
 
 
-def _blockwise_metadata(block_tables, context_lens, block_size: int):
-    """Decode work with shapes that depend only on the tables' shapes (what CUDA graphs replay):
-    a flat list of T = B x width (sequence, block) entries, entries past a sequence's end masked."""
+def _padded_metadata(block_tables, context_lens, block_size: int, n_kv: int):
+    """Decode work whose shapes depend only on the tables' shapes (what CUDA graphs replay): every
+    sequence gathers its table's full width, width x block_size slots, and a mask keeps the first
+    context_len of them. Entries past a sequence's last block (padding, e.g. -1) read its first
+    block instead, so every index is a real block; the mask hides them."""
     B, width = block_tables.shape
     device = block_tables.device
-    blocks_used = -(-context_lens.long() // block_size)                              # (B,)
-    in_use = torch.arange(width, device=device) < blocks_used[:, None]               # (B, width)
-    seq_of_block = torch.arange(B, device=device).repeat_interleave(width)            # (T,)
-    index_in_seq = torch.arange(width, device=device).repeat(B)                       # (T,)
-    blocks = torch.where(in_use, block_tables.long(), block_tables[:, :1].long()).reshape(-1)
-    offsets = torch.arange(block_size, device=device)
-    valid = index_in_seq[:, None] * block_size + offsets < context_lens[seq_of_block][:, None]   # (T, bs)
-    return SimpleNamespace(width=width, blocks=blocks, seq_of_block=seq_of_block, valid=valid)
+    in_use = torch.arange(width, device=device) < -(-context_lens.long() // block_size)[:, None]   # (B, width)
+    blocks = torch.where(in_use, block_tables.long(), block_tables[:, :1].long())                 # (B, width)
+    index = (blocks[:, None, :] * n_kv + torch.arange(n_kv, device=device)[None, :, None]).reshape(-1)
+    valid = torch.arange(width * block_size, device=device) < context_lens[:, None]               # (B, L)
+    return SimpleNamespace(index=index, valid=valid[:, None, :, None])                            # (B, 1, L, 1)
 
 
-def _decode_blockwise(q, k_cache, v_cache, meta):
+def _decode_padded(q, k_cache, v_cache, meta):
     B, H, d = q.shape
     n_kv, bs = k_cache.shape[1], k_cache.shape[2]
-    g = H // n_kv
-    k = k_cache.index_select(0, meta.blocks)                                          # (T, n_kv, bs, d)
-    # Unwritten slots may hold anything (0 * NaN is NaN, the weights alone cannot hide it): zero them in V.
-    v = torch.where(meta.valid[:, None, :, None], v_cache.index_select(0, meta.blocks), 0)   # (T, n_kv, bs, d)
-    qg = (q * d ** -0.5).view(B, n_kv, g, d).to(k.dtype).index_select(0, meta.seq_of_block)   # (T, n_kv, g, d)
-    s = torch.matmul(qg, k.transpose(-1, -2)).float()                                 # (T, n_kv, g, bs)
-    s = torch.where(meta.valid[:, None, None, :], s, -math.inf)
-    # One partial per block j: max m_j, sum of exponentials l_j, unnormalised output o_j.
-    m_j = s.amax(-1)                                                                  # (T, n_kv, g)
-    p = torch.exp(s - torch.where(m_j == -math.inf, 0.0, m_j)[..., None])             # empty block: p = 0
-    l_j = p.sum(-1)                                                                   # (T, n_kv, g)
-    o_j = torch.matmul(p.to(v.dtype), v).float()                                      # (T, n_kv, g, d)
-    # Merge each sequence's partials: its max m, each partial rescaled by exp(m_j - m) (an empty
-    # block's weight is 0), summed per sequence (a segmented sum: index_add over seq_of_block).
-    m = m_j.view(B, meta.width, n_kv, g).amax(1)                                      # (B, n_kv, g)
-    w = torch.exp(m_j - m.index_select(0, meta.seq_of_block))                        # (T, n_kv, g)
-    l = m.new_zeros(B, n_kv, g).index_add_(0, meta.seq_of_block, l_j * w)            # (B, n_kv, g)
-    o = m.new_zeros(B, n_kv, g, d).index_add_(0, meta.seq_of_block, o_j * w[..., None])   # (B, n_kv, g, d)
-    return (o / l[..., None]).view(B, H, d).to(q.dtype)                              # (B, H, d)
+    L = meta.valid.shape[2]
+    # One gather per cache, head by head (index: rows of the (blocks * n_kv, bs * d) view).
+    k = k_cache.view(-1, bs * d).index_select(0, meta.index).view(B, n_kv, L, d)        # (B, n_kv, L, d)
+    v = v_cache.view(-1, bs * d).index_select(0, meta.index).view(B, n_kv, L, d)
+    # Masked slots may hold anything, NaN included (a weight of 0 times NaN is NaN): zero them.
+    k, v = torch.where(meta.valid, k, 0), torch.where(meta.valid, v, 0)
+    # GQA as a shape: the g query heads of a KV head are g queries of one (n_kv-headed) attention.
+    out = F.scaled_dot_product_attention(q.view(B, n_kv, H // n_kv, d), k, v,
+                                         attn_mask=meta.valid.transpose(-1, -2))        # (B, n_kv, g, d)
+    return out.reshape(B, H, d)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, static_shapes: bool = False):
@@ -451,40 +441,27 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, stat
 
     Per sequence (the default, eager): every sequence's blocks are gathered in one copy, head by
     head, into (n_kv, total_tokens, d); then each sequence is one fused SDPA call over exactly its
-    context_len keys (a view, no copy, no mask, GQA without repeating K/V). The gather is
-    data-dependent (how many blocks each sequence uses), fine for eager code. Measured on a
-    2-core CPU, bf16, Qwen3-0.6B's heads: 0.26 ms a layer for one 430-token sequence and ~4 ms
-    for 16 sequences of 230-610 tokens, where the blockwise form below, given just the blocks in
-    use, took 0.8 and ~5.5 ms (its ~30 small ops cost more than one fused kernel per sequence).
+    context_len keys (a view, no copy, no mask, GQA without repeating K/V). How many blocks each
+    sequence uses decides the shapes: fine for eager code.
 
-    Blockwise (static_shapes=True, what CUDA graphs replay): shapes may depend only on the
-    tables' shapes, never on their values, so every table entry (B x width blocks) is one entry
-    of a flat batch, padding entries fully masked, and the blocks are attended all at once with
-    the online softmax. Reading blocks one after the other, a kernel keeps a running max m, sum l
-    and unnormalised output o, and folds in block j's partial (m_j = max of its scores s,
-    l_j = sum exp(s - m_j), o_j = sum exp(s - m_j) v):
+    Padded (static_shapes=True, what CUDA graphs replay): shapes may depend only on the tables'
+    shapes, never on their values. So every sequence gathers its table's full width (B, n_kv,
+    width x block_size, d), and one batched SDPA attends with a mask that keeps each sequence's
+    first context_len keys. The work grows with the width, not the context: the engine rounds the
+    width up to a power of two per step (its CUDA graphs are per width bucket, engine.py), so at
+    most ~2x is wasted. On a GPU this is 5 kernels a layer where a sequence-by-sequence loop is
+    B x more launches.
 
-        m_new = max(m, m_j)
-        l     = l * exp(m - m_new) + l_j * exp(m_j - m_new)
-        o     = o * exp(m - m_new) + o_j * exp(m_j - m_new)        output = o / l at the end
-
-    Unroll it: partial j is multiplied by exp(m_j - m_after_j), then by exp(m_after_j - m_after_j+1)
-    at each later step, and the exponents telescope to exp(m_j - m) with m = max_j m_j. So
-
-        m = max_j m_j,   l = sum_j l_j exp(m_j - m),   o = sum_j o_j exp(m_j - m)
-
-    which no longer depends on the order: every block's partial can be computed at the same time
-    and merged by one reduction. That is flash-decoding, and vLLM's paged attention v2 (partitions
-    in parallel, then a reduce kernel). Here "at the same time" is a tensor dimension, and each
-    sequence's partials are merged by a segmented sum. GQA: q is viewed (B, n_kv, group, d) so each
-    KV head serves its group of query heads. Positions >= context_len are masked; a block with
-    nothing valid has m_j = -inf, and its weight exp(-inf - m) = 0. Scores and outputs come from
-    matmuls in the cache dtype; max, exp and sums are fp32.
+    Neither form writes out the (query, key) score matrix: a fused SDPA kernel reads the keys tile
+    by tile and keeps a running max m, sum l and output o, rescaling what it has whenever a tile
+    brings a larger score (m_new = max(m, m_tile); l = l exp(m - m_new) + sum exp(s - m_new); o
+    likewise; output o / l at the end): the online softmax of FlashAttention. Scores in the
+    thousands stay finite.
     """
+    n_kv, block_size = k_cache.shape[1], k_cache.shape[2]
     if static_shapes:
-        return _decode_blockwise(q, k_cache, v_cache, _blockwise_metadata(block_tables, context_lens, k_cache.shape[2]))
-    plan = _step_plan(block_tables, context_lens, torch.ones_like(context_lens), k_cache.shape[2], k_cache.shape[1],
-                      step_kv=False)
+        return _decode_padded(q, k_cache, v_cache, _padded_metadata(block_tables, context_lens, block_size, n_kv))
+    plan = _step_plan(block_tables, context_lens, torch.ones_like(context_lens), block_size, n_kv, step_kv=False)
     return _attend_per_sequence(q, None, None, k_cache, v_cache, plan)
 
 
@@ -516,9 +493,10 @@ class PagedContext:
       prefill (cu_seqlens_q given): cu_seqlens_q (B+1,), context_lens (B,), block_tables (B, max_blocks)
       decode  (cu_seqlens_q None):  block_tables (B, max_blocks), context_lens (B,), one token each.
     Index tensors are int64 on the cache's device. The gather indices and masks do not depend on
-    the layer, so they are built here once per step and reused by every layer (`_step_plan`).
-    static_shapes (decode only): the blockwise form, whose shapes depend on the tensors' shapes
-    only, never on their values (what a CUDA graph replays).
+    the layer, so the first layer's `attend` builds them and every later layer reuses them
+    (`_step_plan`); a step that never runs this model's attention (a CUDA graph replays its own)
+    builds nothing. static_shapes (decode only): the padded form, whose shapes depend on the
+    tensors' shapes only, never on their values (what a CUDA graph replays).
     """
 
     def __init__(self, kv_cache, slot_mapping, block_tables, context_lens, cu_seqlens_q=None,
@@ -528,13 +506,19 @@ class PagedContext:
         self.block_tables, self.context_lens = block_tables, context_lens
         self.cu_seqlens_q = cu_seqlens_q
         self.is_prefill = cu_seqlens_q is not None
-        n_kv, block_size = kv_cache.shape[3], kv_cache.shape[4]
-        self.blockwise = self.plan = None
-        if static_shapes and not self.is_prefill:
-            self.blockwise = _blockwise_metadata(block_tables, context_lens, block_size)
-            return
-        q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1] if self.is_prefill else torch.ones_like(context_lens)
-        self.plan = _step_plan(block_tables, context_lens, q_lens, block_size, n_kv, step_kv=True)
+        self.static_shapes = static_shapes and not self.is_prefill
+        self.metadata = None                     # the step plan, or the padded form's metadata
+
+    def _metadata(self):
+        if self.metadata is None:
+            block_size, n_kv = self.kv_cache.shape[4], self.kv_cache.shape[3]
+            if self.static_shapes:
+                self.metadata = _padded_metadata(self.block_tables, self.context_lens, block_size, n_kv)
+            else:
+                cu = self.cu_seqlens_q
+                q_lens = cu[1:] - cu[:-1] if self.is_prefill else torch.ones_like(self.context_lens)
+                self.metadata = _step_plan(self.block_tables, self.context_lens, q_lens, block_size, n_kv, step_kv=True)
+        return self.metadata
 
     @classmethod
     def from_spans(cls, kv_cache, block_manager: BlockManager, spans, decode: bool | None = None):
@@ -559,9 +543,9 @@ class PagedContext:
         """q (N, H, d), k/v (N, n_kv, d) of the step's new tokens -> (N, H, d)."""
         k_cache, v_cache = self.kv_cache[layer_idx, 0], self.kv_cache[layer_idx, 1]
         store_kvcache(k, v, k_cache, v_cache, self.slot_mapping)
-        if self.blockwise is not None:
-            return _decode_blockwise(q, k_cache, v_cache, self.blockwise)
-        return _attend_per_sequence(q, k, v, k_cache, v_cache, self.plan)
+        if self.static_shapes:
+            return _decode_padded(q, k_cache, v_cache, self._metadata())
+        return _attend_per_sequence(q, k, v, k_cache, v_cache, self._metadata())
 
 
 # ----------------------------------------------------------------------------- demo
@@ -671,13 +655,13 @@ def main() -> None:
     dec = paged_decode_attention(q_dec, k_cache, v_cache, tables, ctx)
     dec_ref = decode_attention_reference(q_dec, k_cache, v_cache, tables, ctx)
     dec_err = (dec - dec_ref).abs().max().item()
-    blockwise = paged_decode_attention(q_dec, k_cache, v_cache, tables, ctx, static_shapes=True)
-    blockwise_err = (blockwise - dec_ref).abs().max().item()
+    padded = paged_decode_attention(q_dec, k_cache, v_cache, tables, ctx, static_shapes=True)
+    padded_err = (padded - dec_ref).abs().max().item()
     console.print("[bold]paged attention == dense attention[/], random q/k/v in the layout above")
     console.print("(every slot no sequence wrote holds NaN, so reading one would show):")
     console.print(f"  prefill, B+C+D packed, B and D after their cached prefix: max abs diff {err:.1e}")
     console.print(f"  decode, one SDPA per sequence vs gather + softmax:       max abs diff {dec_err:.1e}")
-    console.print(f"  decode, blockwise online softmax (the CUDA-graph form):  max abs diff {blockwise_err:.1e}")
+    console.print(f"  decode, whole tables + a mask (the CUDA-graph form):     max abs diff {padded_err:.1e}")
 
     M = importlib.import_module("02_model")
     real = M.PRESETS["demo"]
@@ -685,7 +669,7 @@ def main() -> None:
     console.print(f"\nQwen3-0.6B in bf16: a 16-token block holds {per_block / 2**20:.2f} MiB of k/v over "
                   f"{real.num_hidden_layers} layers; 1 GiB of cache is {2**30 // per_block} blocks "
                   f"= {2**30 // per_block * 16:,} tokens, shared by all requests.")
-    if not (err < 1e-5 and dec_err < 1e-5 and blockwise_err < 1e-5):  # NaN fails too
+    if not (err < 1e-5 and dec_err < 1e-5 and padded_err < 1e-5):  # NaN fails too
         raise SystemExit("paged attention does not match dense attention")
 
 

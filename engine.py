@@ -232,15 +232,20 @@ def move_to_huge_pages(model: torch.nn.Module) -> int:
 
 
 class CUDAGraphDecoder:
-    """Decode steps replayed from CUDA graphs, one per batch-size bucket (1, 2, 4, 8, ...).
+    """Decode steps replayed from CUDA graphs, one per (batch-size bucket, block-table width bucket).
 
     A decode step of a 0.6B model is ~200 small kernels; launching them from Python costs more
     than running them. A CUDA graph records the launches once and replays them with one call.
     Everything the graph reads must live at fixed addresses with fixed shapes, so the step's
-    inputs are copied into static buffers: input_ids/positions/slot_mapping (B,), context_lens
-    (B,), block_tables (B, max_blocks_per_seq) - the full width, so one graph serves every context
-    length. Rows beyond the real batch are padding: they write their K/V into a scratch block
-    the BlockManager never hands out, and attend to it alone.
+    inputs are copied into static buffers: input_ids/positions/slot_mapping/context_lens (B,) and
+    block_tables (B, max_blocks_per_seq). A graph reads the first b rows and the first w columns:
+    b is the batch rounded up to a power of two (1, 2, 4, ...), w the widest block table rounded
+    up the same way. The padded decode attention (04) does work for every one of its b x w table
+    entries, so one full-width graph would attend to max_model_len tokens of every sequence at
+    every step; width buckets keep that work within 2x of the longest context. Rows beyond the
+    real batch are padding: they write their K/V into a scratch block the BlockManager never
+    hands out, and attend to it alone. All graphs share one memory pool: one replays at a time,
+    and its output is read before the next replay.
 
     With `capture=False` (CPU, tests) the same buffers and padding run eagerly, which is how
     everything but the capture itself is tested without a GPU.
@@ -249,7 +254,7 @@ class CUDAGraphDecoder:
     def __init__(self, model, kv_cache, block_size: int, max_blocks_per_seq: int, max_batch: int,
                  scratch_block: int, capture: bool):
         self.model, self.kv_cache = model, kv_cache
-        self.max_batch = bucket(max_batch, max_batch)
+        self.max_batch, self.max_width = bucket(max_batch, max_batch), max_blocks_per_seq
         self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
         self.capture = capture
         device = kv_cache.device
@@ -259,39 +264,40 @@ class CUDAGraphDecoder:
         self.slot_mapping = torch.full((B,), self.scratch_slot, dtype=torch.int64, device=device)
         self.context_lens = torch.ones(B, dtype=torch.int64, device=device)
         self.block_tables = torch.full((B, W), scratch_block, dtype=torch.int64, device=device)
-        self.graphs: dict[int, tuple] = {}
+        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
 
-    def _forward(self, b: int) -> torch.Tensor:
-        ctx = paged.PagedContext(self.kv_cache, self.slot_mapping[:b], self.block_tables[:b],
+    def _forward(self, b: int, w: int) -> torch.Tensor:
+        ctx = paged.PagedContext(self.kv_cache, self.slot_mapping[:b], self.block_tables[:b, :w],
                                  self.context_lens[:b], static_shapes=True)      # decode metadata
         return self.model(self.input_ids[:b], self.positions[:b], ctx)          # (b, hidden)
 
-    def _graph(self, b: int):
-        if b not in self.graphs:
-            self._forward(b)                          # warm up kernels (and the allocator) first
+    def _graph(self, b: int, w: int):
+        if (b, w) not in self.graphs:
+            self._forward(b, w)                       # warm up kernels (and the allocator) first
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self._forward(b)
-            self.graphs[b] = (graph, out)
-        return self.graphs[b]
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._forward(b, w)
+            self.graphs[b, w] = (graph, out)
+        return self.graphs[b, w]
 
     def run(self, input_ids, positions, slot_mapping, block_tables, context_lens) -> torch.Tensor:
-        n = input_ids.shape[0]
-        b = bucket(n, self.max_batch)
+        n, width = block_tables.shape
+        b, w = bucket(n, self.max_batch), bucket(width, self.max_width)
         self.input_ids[:n] = input_ids
         self.positions[:n] = positions
         self.slot_mapping[:n] = slot_mapping
         self.context_lens[:n] = context_lens
-        self.block_tables[:n, :block_tables.shape[1]] = block_tables
-        self.input_ids[n:b] = 0                      # padding rows: scratch slot, context of 1
+        self.block_tables[:n, :width] = block_tables     # columns past a table's end are masked in 04
+        self.input_ids[n:b] = 0                          # padding rows: scratch slot, context of 1
         self.positions[n:b] = 0
         self.slot_mapping[n:b] = self.scratch_slot
         self.context_lens[n:b] = 1
         self.block_tables[n:b] = self.scratch_block
         if not self.capture:
-            return self._forward(b)[:n]
-        graph, out = self._graph(b)
+            return self._forward(b, w)[:n]
+        graph, out = self._graph(b, w)
         graph.replay()
         return out[:n]
 

@@ -1148,7 +1148,7 @@ a hit is shared by reference count and its tokens are skipped. When the last use
 cached block keeps its contents and becomes evictable: reused for new data only when the free list
 is empty, least recently used first. Attention then reads K/V through the block table
 (04_paged_attention.py: decode gathers the blocks and runs one attention per sequence; under CUDA
-graphs, whose shapes are fixed, it merges per-block partial softmaxes: the online softmax)."""
+graphs, whose shapes are fixed, it gathers whole padded tables and masks the slots past the end)."""
 
 
 def diagram_paged(L: Lesson) -> str:

@@ -608,10 +608,10 @@ def test_step_attention_equals_reading_everything_from_the_cache(spans):
     for sid, _, end in spans:
         bm.allocate(sid, list(range(end)), num_new_tokens=end)
     ctx = P.PagedContext.from_spans(kv, bm, spans)
-    assert [seq.own for seq in ctx.plan.seqs] == [start == 0 for _, start, _ in spans]
     n = sum(e - s for _, s, e in spans)
     q, k, v = torch.randn(n, 4, 16), torch.randn(n, 2, 16), torch.randn(n, 2, 16)
     out = ctx.attend(0, q, k, v)                                          # stores k/v, then attends
+    assert [seq.own for seq in ctx.metadata.seqs] == [start == 0 for _, start, _ in spans]
     ref = P.paged_prefill_attention(q, kv[0, 0], kv[0, 1], torch.tensor([0] + [e - s for _, s, e in spans]).cumsum(0),
                                     ctx.context_lens, ctx.block_tables)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -178,7 +178,7 @@ def test_cuda_graph_decoder_padding_without_a_gpu(folders):
         dec = E.CUDAGraphDecoder(model, kv, bs, max_blocks_per_seq=32, max_batch=8, scratch_block=nb, capture=False)
         ctx = P.PagedContext.from_spans(kv, bm, spans)
         graphed = dec.run(ids, pos, ctx.slot_mapping, ctx.block_tables, ctx.context_lens)   # padded to 4 rows
-    # eager decode attends per sequence, the graph path blockwise: the same sums in another order,
+    # eager decode attends per sequence, the graph path over padded tables: the same sums in another order,
     # so rounding differs (both are ~1e-4 from a float64 run, where hidden states reach ~100)
     torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(kv[:, :, :nb], kv_eager[:, :, :nb], atol=1e-5, rtol=1e-5)  # same K/V written
