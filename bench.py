@@ -28,6 +28,7 @@ c the draft/target cost of one forward measured in this run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
@@ -89,7 +90,7 @@ def matmul_gflops(dtype, device) -> float:
     a = torch.randn(512, 1024, device=device).to(dtype)
     b = torch.randn(1024, 3072, device=device).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t = best_time(lambda: (a @ b, sync()))
+    t = best_time(lambda: ([a @ b for _ in range(10)], sync())) / 10     # 10 back to back: no launch gaps on a GPU
     return 2 * 512 * 1024 * 3072 / t / 1e9
 
 
@@ -141,12 +142,14 @@ def run_hf(hf, prompts, max_tokens, batch_size: int) -> dict:
     for i in range(0, len(prompts), batch_size):
         ps, ms = prompts[i:i + batch_size], max_tokens[i:i + batch_size]
         width = max(len(p) for p in ps)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=hf.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=hf.device)
         with torch.inference_mode():
             hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(ms), min_new_tokens=max(ms),
                         do_sample=False, pad_token_id=0)
         useful += sum(ms)
+    if hf.device.type == "cuda":
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t
     return {"wall_s": round(wall, 3), "output_tokens": useful, "output_tok_s": round(useful / wall, 2)}
 
@@ -172,13 +175,16 @@ def workloads(quick: bool, seed: int) -> dict:
 def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
     device = qwen3.resolve_device(args.device)
     dtype = qwen3.resolve_dtype(dtype_name, device)
+    # the pool holds every sequence slot at full length, on any device (a second engine, the prefix
+    # workload's, must fit beside the first: not the whole free GPU memory)
     cfg = engine_mod.EngineConfig(model=args.model, dtype=dtype_name, device=args.device, compile=args.compile,
-                                  max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=512)
+                                  max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=512,
+                                  num_kv_blocks=16 * 1024 // 16)
     t = time.perf_counter()
     eng = engine_mod.LLMEngine(cfg)
     startup = time.perf_counter() - t
     wl = workloads(args.quick, args.seed)
-    if args.compile:   # compile every shape bucket before timing anything
+    if args.compile or eng.runner.graph_decoder is not None:   # compile / capture every shape bucket first
         t = time.perf_counter()
         run_ours(eng, *wl["mixed"])
         startup += time.perf_counter() - t
@@ -214,6 +220,8 @@ def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
         import transformers
         hf = transformers.AutoModelForCausalLM.from_pretrained(eng.model_path, dtype=dtype).eval().to(device)
         del eng
+        gc.collect()                                            # its KV pool and graphs, before HF allocates
+        run_hf(hf, wl["decode"][0], [2], batch_size=1)          # warm-up: first-call costs, as the engine had
         for name in [w for w in args.workloads if w in ("decode", "mixed")]:
             prompts, outs = wl[name]
             r = run_hf(hf, prompts, outs, batch_size=16)
