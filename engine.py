@@ -32,7 +32,7 @@ falsy check: no strings built, no dicts, no `.item()`. The events, in the order 
     step_done         step, seconds, num_tokens, num_seqs, num_used_blocks, num_free_blocks, running, waiting
     finished          request_id, output, reason, freed_blocks, cached_blocks, num_free_blocks
 
-Speed: on CUDA, decode steps replay CUDA graphs captured per batch-size bucket (the Python and
+Speed: on CUDA, decode steps replay CUDA graphs captured per batch-size and table-width bucket (the Python and
 kernel-launch overhead of 28 layers disappears); `--enforce-eager` turns that off. On CPU a decode
 step is a pass over every weight, so what matters is how fast the linear layers read them: each
 nn.Linear is swapped for the measured-fastest kernel of its dtype (`use_cpu_linear_kernels`),
