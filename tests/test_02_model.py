@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import load
+from conftest import hf_saved_checkpoint, load
 
 M = load("02_model")
 transformers = pytest.importorskip("transformers")
@@ -17,16 +17,6 @@ PROMPTS = [
     [151644, 872, 198, 3838, 374, 220, 17, 10, 17, 30, 151645, 198, 151644, 77091, 198],
     list(range(1000, 1037)),
 ]
-
-
-def hf_saved_checkpoint(folder, preset="tiny", seed=3):
-    """A checkpoint written by transformers' own save_pretrained (its config.json and safetensors layout)."""
-    cfg = transformers.Qwen3Config(**{k: v for k, v in M.hf_config_dict(M.PRESETS[preset]).items()
-                                      if k not in ("architectures", "model_type", "torch_dtype")})
-    hf = transformers.Qwen3ForCausalLM(cfg)
-    hf.load_state_dict(M.random_state_dict(M.PRESETS[preset], seed), strict=False)
-    hf.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -3,38 +3,18 @@
 remember old ones, and bf16 decode from a graph must stay within bf16 noise of eager. Skipped where
 there is no CUDA GPU (CI): run them on one whenever one is at hand."""
 import json
-import random
 
 import pytest
 import torch
 
 from conftest import load
+from test_engine import folders, prompts  # noqa: F401  (the CPU engine tests' checkpoints and prompts)
 
 M = load("02_model")
 P = load("04_paged_attention")
 E = load("engine")
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cuda")
-    transformers = pytest.importorskip("transformers")
-    hf_folder = str(root / "hf")
-    cfg = transformers.Qwen3Config(**{k: v for k, v in M.hf_config_dict(M.PRESETS["tiny-untied"]).items()
-                                      if k not in ("architectures", "model_type", "torch_dtype")})
-    hf = transformers.Qwen3ForCausalLM(cfg)
-    hf.load_state_dict(M.random_state_dict(M.PRESETS["tiny-untied"], 11), strict=False)
-    hf.save_pretrained(hf_folder)
-    return {"tiny": M.make_random_checkpoint(str(root / "tiny"), "tiny", seed=7, dtype="float32"),
-            "hf-saved": hf_folder}
-
-
-def prompts(n=11, seed=0):
-    rng = random.Random(seed)
-    lengths = [1, 3, 16, 17, 40, 5, 33, 64, 9, 2, 24][:n]
-    return [[rng.randrange(151643) for _ in range(k)] for k in lengths]
 
 
 def engine(folder, **kw):
@@ -54,7 +34,7 @@ def reference(folders):
     out = {}
     for name, folder in folders.items():
         model = M.load_model(folder, torch.float32, torch.device("cuda"))
-        out[name] = [M.naive_generate(model, p, 20) for p in prompts()]
+        out[name] = [M.naive_generate(model, p, 20) for p in prompts(11)]
     return out
 
 
@@ -67,7 +47,7 @@ def reference(folders):
 ], ids=["graphs", "graphs-preemption", "graphs-chunked", "eager"])
 def test_cuda_engine_equals_naive_generate(folders, reference, name, setting):
     eng = engine(folders[name], **setting)
-    outs = eng.generate(prompts(), SHRINKING)
+    outs = eng.generate(prompts(11), SHRINKING)
     assert [o.token_ids for o in outs] == [ref[:20 - i] for i, ref in enumerate(reference[name])]
     decoder = eng.runner.graph_decoder
     if setting.get("enforce_eager"):
@@ -88,7 +68,7 @@ def test_graph_replays_follow_new_inputs(folders, dtype):
     cfg, bs, nb = model.config, 4, 64
     bm = P.BlockManager(nb, bs, enable_prefix_caching=False)
     kv = P.allocate_kv_cache(cfg, nb + 1, bs, dtype, "cuda")
-    ps = prompts(3)[1:] + [prompts()[4]]                  # 3, 16 and 40 tokens: batch bucket 4
+    ps = prompts(3)[1:] + [prompts(11)[4]]                  # 3, 16 and 40 tokens: batch bucket 4
     dec = E.CUDAGraphDecoder(model, kv, bs, max_blocks_per_seq=64, max_batch=8, scratch_block=nb, capture=True)
     with torch.inference_mode():
         for sid, p in enumerate(ps):
@@ -129,29 +109,9 @@ def test_cuda_paged_prefill_logits_match_transformers(folders):
         assert (ours - ref).abs().max().item() < 1e-3
 
 
-def test_prefix_caching_on_cuda_is_identical_and_hits(folders):
-    system = list(range(500, 540))                       # a 40-token shared "system prompt"
-    ps = [system + [7, 8, 9], system + [1], system + [2, 3, 4, 5, 6], system + [2, 3, 4, 5, 6]]
-    on = engine(folders["tiny"], block_size=8)
-    off = engine(folders["tiny"], block_size=8, enable_prefix_caching=False)
-    a = [o.token_ids for o in on.generate(ps[:1], GREEDY)] + [o.token_ids for o in on.generate(ps[1:], GREEDY)]
-    assert a == [o.token_ids for o in off.generate(ps, GREEDY)]
-    assert on.stats_summary()["prefix_cache_hit_tokens"] >= 3 * 40
-
-
-def test_seeded_sampling_on_cuda_is_reproducible_whatever_the_batch(folders):
-    p = E.SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, seed=1234, max_tokens=10, ignore_eos=True)
-    alone = engine(folders["tiny"]).generate([prompts()[4]], p)[0].token_ids
-    others = [E.SamplingConfig(temperature=0.8, max_tokens=7, ignore_eos=True), p,
-              E.SamplingConfig(temperature=0.0, max_tokens=3, ignore_eos=True),
-              E.SamplingConfig(temperature=1.3, seed=5, max_tokens=12, ignore_eos=True)]
-    mixed = engine(folders["tiny"]).generate([prompts()[0], prompts()[4], prompts()[2], prompts()[7]], others)
-    assert mixed[1].token_ids == alone and len(set(alone)) > 1
-
-
 def test_speculative_on_cuda_equals_the_target(folders, reference):
     eng = engine(folders["tiny"], speculative=True, num_speculative_tokens=3)
-    outs = eng.generate(prompts(), GREEDY)
+    outs = eng.generate(prompts(11), GREEDY)
     assert [o.token_ids for o in outs] == reference["tiny"]
     assert eng.stats_summary()["spec_num_drafts"] > 0
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import load
+from conftest import hf_saved_checkpoint, load
 
 M = load("02_model")
 E = load("engine")
@@ -16,15 +16,9 @@ E = load("engine")
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
-    transformers = pytest.importorskip("transformers")
-    hf_folder = str(root / "hf")
-    cfg = transformers.Qwen3Config(**{k: v for k, v in M.hf_config_dict(M.PRESETS["tiny-untied"]).items()
-                                      if k not in ("architectures", "model_type", "torch_dtype")})
-    hf = transformers.Qwen3ForCausalLM(cfg)
-    hf.load_state_dict(M.random_state_dict(M.PRESETS["tiny-untied"], 11), strict=False)
-    hf.save_pretrained(hf_folder)
+    pytest.importorskip("transformers")
     return {"tiny": M.make_random_checkpoint(str(root / "tiny"), "tiny", seed=7, dtype="float32"),
-            "hf-saved": hf_folder}
+            "hf-saved": hf_saved_checkpoint(str(root / "hf"), "tiny-untied", seed=11)}
 
 
 def prompts(n=9, seed=0):
@@ -80,11 +74,16 @@ def test_compiled_engine_equals_naive_generate(folders, reference):
     assert [o.token_ids for o in outs] == reference["tiny"][:3]
 
 
-def test_prefix_caching_hits_and_is_identical(folders):
+ON_EACH_DEVICE = pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+
+
+@ON_EACH_DEVICE
+def test_prefix_caching_hits_and_is_identical(folders, device):
     system = list(range(500, 540))                       # a 40-token shared "system prompt"
     ps = [system + [7, 8, 9], system + [1], system + [2, 3, 4, 5, 6], system + [2, 3, 4, 5, 6]]
-    on = engine(folders["tiny"], block_size=8)
-    off = engine(folders["tiny"], block_size=8, enable_prefix_caching=False)
+    on = engine(folders["tiny"], block_size=8, device=device)
+    off = engine(folders["tiny"], block_size=8, enable_prefix_caching=False, device=device)
     a = [o.token_ids for o in on.generate(ps[:1], GREEDY)] + [o.token_ids for o in on.generate(ps[1:], GREEDY)]
     b = [o.token_ids for o in off.generate(ps, GREEDY)]
     assert a == b
@@ -92,13 +91,15 @@ def test_prefix_caching_hits_and_is_identical(folders):
     assert off.stats_summary()["prefix_cache_hit_tokens"] == 0
 
 
-def test_seeded_sampling_is_reproducible_whatever_the_batch(folders):
+@ON_EACH_DEVICE
+def test_seeded_sampling_is_reproducible_whatever_the_batch(folders, device):
     p = E.SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, seed=1234, max_tokens=10, ignore_eos=True)
-    alone = engine(folders["tiny"]).generate([prompts()[4]], p)[0].token_ids
+    alone = engine(folders["tiny"], device=device).generate([prompts()[4]], p)[0].token_ids
     others = [E.SamplingConfig(temperature=0.8, max_tokens=7, ignore_eos=True),
               p, E.SamplingConfig(temperature=0.0, max_tokens=3, ignore_eos=True),
               E.SamplingConfig(temperature=1.3, seed=5, max_tokens=12, ignore_eos=True)]
-    mixed = engine(folders["tiny"]).generate([prompts()[0], prompts()[4], prompts()[2], prompts()[7]], others)
+    mixed = engine(folders["tiny"], device=device).generate([prompts()[0], prompts()[4], prompts()[2], prompts()[7]],
+                                                            others)
     assert mixed[1].token_ids == alone
     assert len(set(alone)) > 1
 
