@@ -456,7 +456,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, stat
     Per sequence (the default, eager): every sequence's blocks are gathered in one copy, head by
     head, into (n_kv, total_tokens, d); then each sequence is one fused SDPA call over exactly its
     context_len keys (a view, no copy, no mask, GQA without repeating K/V). How many blocks each
-    sequence uses decides the shapes: fine for eager code.
+    sequence uses decides the shapes: fine for eager code. Measured on a 2-core CPU, bf16,
+    Qwen3-0.6B's heads: 0.26 ms a layer for one 430-token sequence and ~4 ms for 16 sequences of
+    230-610 tokens, where a blockwise online softmax over just the blocks in use (flash-decoding
+    written as ~30 tensor ops) took 0.8 and ~5.5 ms.
 
     Padded (static_shapes=True, what CUDA graphs replay): shapes may depend only on the tables'
     shapes, never on their values. So every sequence gathers its table's full width (B, n_kv,
