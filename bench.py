@@ -175,11 +175,11 @@ def workloads(quick: bool, seed: int) -> dict:
 def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
     device = qwen3.resolve_device(args.device)
     dtype = qwen3.resolve_dtype(dtype_name, device)
-    # the pool holds every sequence slot at full length, on any device (a second engine, the prefix
-    # workload's, must fit beside the first: not the whole free GPU memory)
+    # a 2 GiB KV pool (the CPU default's cap) on any device: a second engine, the prefix workload's,
+    # must fit beside the first, so not the whole free GPU memory
     cfg = engine_mod.EngineConfig(model=args.model, dtype=dtype_name, device=args.device, compile=args.compile,
                                   max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=512,
-                                  num_kv_blocks=16 * 1024 // 16)
+                                  kv_cache_memory_gb=2.0)
     t = time.perf_counter()
     eng = engine_mod.LLMEngine(cfg)
     startup = time.perf_counter() - t
