@@ -32,9 +32,9 @@ falsy check: no strings built, no dicts, no `.item()`. The events, in the order 
     step_done         step, seconds, num_tokens, num_seqs, num_used_blocks, num_free_blocks, running, waiting
     finished          request_id, output, reason, freed_blocks, cached_blocks, num_free_blocks
 
-Speed: on CUDA, decode steps replay CUDA graphs captured per batch-size and table-width bucket (the Python and
-kernel-launch overhead of 28 layers disappears); `--enforce-eager` turns that off. On CPU a decode
-step is a pass over every weight, so what matters is how fast the linear layers read them: each
+Speed: on CUDA, decode steps replay CUDA graphs captured per batch-size and block-table-width bucket
+(the Python and kernel-launch overhead of 28 layers disappears); `--enforce-eager` turns that off.
+On CPU a decode step is a pass over every weight, so what matters is how fast the linear layers read them: each
 nn.Linear is swapped for the measured-fastest kernel of its dtype (`use_cpu_linear_kernels`),
 malloc keeps freed memory so activations do not page-fault in every step (`keep_freed_memory_mapped`),
 and the weights and the KV pool live on 2 MiB pages (`huge_page_zeros`, `move_to_huge_pages`).

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import load
+import test_engine
 from test_engine import folders, prompts  # noqa: F401  (the CPU engine tests' checkpoints and prompts)
 
 M = load("02_model")
@@ -18,9 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def engine(folder, **kw):
-    cfg = dict(model=folder, dtype="float32", device="cuda", max_model_len=256, num_kv_blocks=128)
-    cfg.update(kw)
-    return E.LLMEngine(E.EngineConfig(**cfg))
+    return test_engine.engine(folder, **{"device": "cuda", **kw})
 
 
 GREEDY = E.SamplingConfig(temperature=0.0, max_tokens=20, ignore_eos=True)
