@@ -312,13 +312,24 @@ def allocate_kv_cache(cfg, num_blocks: int, block_size: int, dtype=torch.float32
                        cfg.head_dim, dtype=dtype, device=device)
 
 
-def store_kvcache(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Write the step's new keys/values into their slots: k/v (N, n_kv, d), caches
-    (num_blocks, n_kv, block_size, d), slot_mapping (N,) int64. One indexed write per cache."""
-    block_size = k_cache.shape[2]
+def slot_rows(slot_mapping, n_kv: int, block_size: int) -> torch.Tensor:
+    """Where slots live in a cache seen as rows of d numbers, (num_blocks * n_kv * block_size, d):
+    slot s of head h is row ((s // block_size) * n_kv + h) * block_size + s % block_size (heads
+    come before offsets inside a block). Returns (N * n_kv,), token by token, head by head.
+    E.g. block_size 4, n_kv 2: slot 5 (block 1, offset 1) -> rows 9 and 13."""
+    heads = torch.arange(n_kv, device=slot_mapping.device)
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    k_cache[blocks, :, offsets] = k                  # cache[b, :, o] is one slot: (n_kv, d) per token
-    v_cache[blocks, :, offsets] = v
+    return ((blocks[:, None] * n_kv + heads) * block_size + offsets[:, None]).reshape(-1)
+
+
+def store_kvcache(k, v, k_cache, v_cache, slot_mapping, rows=None) -> None:
+    """Write the step's new keys/values into their slots: k/v (N, n_kv, d), caches
+    (num_blocks, n_kv, block_size, d), slot_mapping (N,) int64. One row copy per cache
+    (`rows`: slot_rows of slot_mapping, when the caller already has them)."""
+    n_kv, block_size, d = k_cache.shape[1:]
+    rows = slot_rows(slot_mapping, n_kv, block_size) if rows is None else rows
+    k_cache.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
+    v_cache.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
 
 
 def read_slots(cache, slot_mapping) -> torch.Tensor:
@@ -509,9 +520,9 @@ class PagedContext:
     slot_mapping (N,): where each new token's k/v goes. Then either
       prefill (cu_seqlens_q given): cu_seqlens_q (B+1,), context_lens (B,), block_tables (B, max_blocks)
       decode  (cu_seqlens_q None):  block_tables (B, max_blocks), context_lens (B,), one token each.
-    Index tensors are int64 on the cache's device. The gather indices and masks do not depend on
-    the layer, so the first layer's `attend` builds them and every later layer reuses them
-    (`_step_plan`); a step that never runs this model's attention (a CUDA graph replays its own)
+    Index tensors are int64 on the cache's device. The gather indices, the masks and the cache rows
+    the new k/v go to do not depend on the layer, so the first layer's `attend` builds them and
+    every later layer reuses them (`_step_plan`, `slot_rows`); a step that never runs this model's attention (a CUDA graph replays its own)
     builds nothing. static_shapes (decode only): the padded form, whose shapes depend on the
     tensors' shapes only, never on their values (what a CUDA graph replays).
     """
@@ -525,6 +536,7 @@ class PagedContext:
         self.is_prefill = cu_seqlens_q is not None
         self.static_shapes = static_shapes and not self.is_prefill
         self.metadata = None                     # the step plan, or the padded form's metadata
+        self.rows = None                         # slot_rows of slot_mapping: where every layer writes
 
     def _metadata(self):
         if self.metadata is None:
@@ -559,7 +571,9 @@ class PagedContext:
     def attend(self, layer_idx: int, q, k, v):
         """q (N, H, d), k/v (N, n_kv, d) of the step's new tokens -> (N, H, d)."""
         k_cache, v_cache = self.kv_cache[layer_idx, 0], self.kv_cache[layer_idx, 1]
-        store_kvcache(k, v, k_cache, v_cache, self.slot_mapping)
+        if self.rows is None:
+            self.rows = slot_rows(self.slot_mapping, k_cache.shape[1], k_cache.shape[2])
+        store_kvcache(k, v, k_cache, v_cache, self.slot_mapping, self.rows)
         if self.static_shapes:
             return _decode_padded(q, k_cache, v_cache, self._metadata())
         return _attend_per_sequence(q, k, v, k_cache, v_cache, self._metadata())

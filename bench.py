@@ -169,6 +169,21 @@ def workloads(quick: bool, seed: int) -> dict:
     }
 
 
+def warm_up_compiled(eng, wl: dict, names) -> None:
+    """--compile builds a graph per token-count bucket on first use (a minute or more each):
+    build the ones the timed workloads use first. Each workload once with two new tokens per
+    request; the batched ones may decode any batch size, so b one-token prompts for every bucket
+    b (their prefill and decode steps are both b tokens)."""
+    greedy = lambda n: engine_mod.SamplingConfig(temperature=0.0, max_tokens=n, ignore_eos=True)  # noqa: E731
+    for name in names:
+        eng.generate(wl[name][0], greedy(2))
+    if any(name in ("mixed", "prefix") for name in names):
+        b = 1
+        while b <= eng.config.max_num_seqs:
+            eng.generate([[1]] * b, greedy(2))
+            b *= 2
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -184,10 +199,12 @@ def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
     eng = engine_mod.LLMEngine(cfg)
     startup = time.perf_counter() - t
     wl = workloads(args.quick, args.seed)
-    if args.compile or eng.runner.graph_decoder is not None:   # compile / capture every shape bucket first
-        t = time.perf_counter()
+    t = time.perf_counter()
+    if eng.runner.graph_decoder is not None:     # capture the graphs (batch x width buckets) first
         run_ours(eng, *wl["mixed"])
-        startup += time.perf_counter() - t
+    if args.compile:
+        warm_up_compiled(eng, wl, args.workloads)
+    startup += time.perf_counter() - t
     result = {"dtype": str(dtype).removeprefix("torch."), "startup_s": round(startup, 1),
               "memory_read_gb_s": round(memory_read_gbps(device), 1),
               "matmul_gflop_s": round(matmul_gflops(dtype, device), 1),
@@ -216,11 +233,13 @@ def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
         print(f"  {result['dtype']} {name}: {json.dumps(r)}", file=sys.stderr, flush=True)
     if args.speculative:
         result["speculative"] = bench_speculative(args, cfg, wl["decode"], result["decode"]["decode_tok_s"])
+    model_path = eng.model_path
+    del eng                                     # its KV pool, graphs and compiled code, before what comes next
+    gc.collect()
+    torch._dynamo.reset()                       # compiled graphs hold their own (frozen) copies of the weights
     if args.compare_hf:
         import transformers
-        hf = transformers.AutoModelForCausalLM.from_pretrained(eng.model_path, dtype=dtype).eval().to(device)
-        del eng
-        gc.collect()                                            # its KV pool and graphs, before HF allocates
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval().to(device)
         run_hf(hf, wl["decode"][0], [2], batch_size=1)          # warm-up: first-call costs, as the engine had
         for name in [w for w in args.workloads if w in ("decode", "mixed")]:
             prompts, outs = wl[name]

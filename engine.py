@@ -39,8 +39,9 @@ nn.Linear is swapped for the measured-fastest kernel of its dtype (`use_cpu_line
 malloc keeps freed memory so activations do not page-fault in every step (`keep_freed_memory_mapped`),
 and the weights and the KV pool live on 2 MiB pages (`huge_page_zeros`, `move_to_huge_pages`).
 `--compile` runs the model through torch.compile (inductor, weights frozen as constants, the
-max-autotune C++ GEMM templates), with token counts padded to buckets so a handful of shapes
-are compiled once and replayed.
+max-autotune C++ GEMM templates, a C++ wrapper), one graph per step with attention as one opaque
+op, for steps of up to max_num_seqs tokens (decode) padded to power-of-two buckets, so a handful
+of shapes are compiled once and replayed; longer steps (prefill) run eager.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ import math
 import mmap
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -136,16 +138,23 @@ def bucket(n: int, limit: int) -> int:
 class StepAttention:
     """The attention context compiled code sees. It is one object for the engine's whole life
     (compiled code is specialised on the objects it sees, so a new one per step would recompile),
-    holding this step's PagedContext and how many of the (padded) tokens are real. Attention
-    itself stays eager (`torch.compiler.disable`): its shapes change every step; the dense
-    layers around it, which move the weights, are what compilation speeds up."""
+    holding this step's PagedContext and how many of the (padded) tokens are real.
+
+    To the compiler, attention is one opaque call (`paged_attention_op`) whose output has q's
+    shape, so a whole step, all layers, is one graph with no breaks; inside the call runs 04's
+    eager paged attention, whose shapes change every step. The dense layers around it, which
+    move the weights, are what compilation speeds up."""
 
     def __init__(self):
         self.ctx: paged.PagedContext | None = None
         self.num_tokens = 0
+        self.key = next(_step_attention_keys)
+        _STEP_ATTENTIONS[self.key] = self
 
-    @torch.compiler.disable
-    def attend(self, layer_idx: int, q, k, v):
+    def attend(self, layer_idx: int, q, k, v):          # what the model calls: traced, one op
+        return paged_attention_op(q, k, v, self.key, layer_idx)
+
+    def run(self, layer_idx: int, q, k, v):             # what the op runs: eager
         n = self.num_tokens
         out = self.ctx.attend(layer_idx, q[:n], k[:n], v[:n])                   # (n, H, d)
         if n < q.shape[0]:                                                      # padding rows: zeros
@@ -153,18 +162,38 @@ class StepAttention:
         return out
 
 
+# A custom op takes tensors and numbers only (inductor's C++ wrapper, which calls the op without
+# Python in between, passes nothing else), so the op names its StepAttention by a number; the
+# live ones are found here, held weakly (an engine that goes away takes its entry with it).
+_STEP_ATTENTIONS: weakref.WeakValueDictionary[int, StepAttention] = weakref.WeakValueDictionary()
+_step_attention_keys = itertools.count()
+
+
+@torch.library.custom_op("nano_vllm::paged_attention", mutates_args=())
+def paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step_attention: int,
+                       layer_idx: int) -> torch.Tensor:
+    """q (N, H, d), k/v (N, n_kv, d) -> (N, H, d). Writes k/v into the KV pool: a side effect
+    the compiler does not see, and need not, as nothing else in the graph reads the pool."""
+    return _STEP_ATTENTIONS[step_attention].run(layer_idx, q, k, v)
+
+
+@paged_attention_op.register_fake
+def _(q, k, v, step_attention, layer_idx):
+    return torch.empty_like(q)
+
+
 def configure_inductor(cache_dir: str) -> None:
     """CPU settings measured to matter for GEMV: weights frozen into the graph as constants
-    (prepacked for oneDNN/AMX) and max-autotune's C++ GEMM templates. Compiled kernels and
-    autotuning results are cached on disk, so a second run starts much faster."""
+    (prepacked for oneDNN/AMX), max-autotune's C++ GEMM templates, and a C++ wrapper that calls
+    the step's ~400 kernels without Python in between. Compiled kernels and autotuning results
+    are cached on disk, so a second run starts faster."""
     import torch._inductor.config as inductor
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir)
     inductor.freezing = True
     inductor.max_autotune = True
     inductor.max_autotune_gemm_backends = "CPP,ATEN"
-    # every layer is its own compiled region (attention breaks the graph), times the shape buckets
-    torch._dynamo.config.recompile_limit = 4096
-    torch._dynamo.config.accumulated_recompile_limit = 65536
+    inductor.cpp_wrapper = True
+    torch._dynamo.config.recompile_limit = 64           # one graph per token-count bucket
 
 
 def keep_freed_memory_mapped() -> bool:
@@ -354,8 +383,13 @@ def use_cpu_linear_kernels(model: torch.nn.Module, dtype: torch.dtype) -> str | 
 class ModelRunner:
     """Packs a scheduled batch into flat tensors, runs the model over the paged KV cache and
     returns logits for the positions that sample. Three ways to run the model:
-    eager (always correct, the reference), compiled (`compile`: padded to shape buckets), and
-    decode-only CUDA graphs (on CUDA unless `enforce_eager`)."""
+    eager (always correct, the reference), compiled (`compile`: steps of up to max_num_seqs
+    tokens, padded to shape buckets), and decode-only CUDA graphs (on CUDA unless `enforce_eager`).
+
+    Why compile only the short steps: a decode step reads every weight for a few tokens, so the
+    ~60 small ops per layer between the GEMVs cost a large share of it, and fusing them pays; a
+    prefill step is GEMMs on hundreds of rows, at much the same speed eager. And each compiled
+    shape costs a minute or more to build and, with frozen weights, holds its own copy of them."""
 
     def __init__(self, model, block_manager: paged.BlockManager, kv_cache,
                  device: torch.device, max_blocks_per_seq: int, max_num_seqs: int, max_num_batched_tokens: int,
@@ -363,7 +397,7 @@ class ModelRunner:
         self.model, self.bm, self.kv_cache = model, block_manager, kv_cache
         self.device = device
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
-        self.step_attention = StepAttention()
+        self.step_attention = StepAttention() if compile else None
         self.compiled = self.compiled_logits = None
         if compile:
             if device.type == "cpu":
@@ -397,10 +431,10 @@ class ModelRunner:
         if not eager and self.graph_decoder is not None and not ctx.is_prefill \
                 and input_ids.shape[0] <= self.graph_decoder.max_batch:
             return self.graph_decoder.run(input_ids, positions, ctx.slot_mapping, ctx.block_tables, ctx.context_lens)
-        if eager or self.compiled is None:
-            return self.model(input_ids, positions, ctx)
         n = input_ids.shape[0]
-        pad = bucket(n, self.max_num_batched_tokens) - n
+        if eager or self.compiled is None or n > self.max_num_seqs:
+            return self.model(input_ids, positions, ctx)
+        pad = bucket(n, self.max_num_seqs) - n
         self.step_attention.ctx, self.step_attention.num_tokens = ctx, n
         hidden = self.compiled(torch.nn.functional.pad(input_ids, (0, pad)),
                                torch.nn.functional.pad(positions, (0, pad)), self.step_attention)

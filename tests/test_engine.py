@@ -66,12 +66,13 @@ def test_engine_equals_naive_generate(folders, reference, name, setting):
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="inductor compiles C++: needs a compiler")
 def test_compiled_engine_equals_naive_generate(folders, reference):
-    """--compile (inductor, weights frozen into the graph, token counts padded to buckets): a real
-    compile of `tiny`, ~15 s. Guards the compiled path itself, e.g. against weights that freezing
-    would read wrongly."""
+    """--compile (inductor, weights frozen into the graph, the paged attention an opaque op, decode
+    steps of 3 padded to a bucket of 4): a real compile of `tiny`. Guards the compiled path itself,
+    e.g. against weights that freezing would read wrongly or padding rows that leak."""
     eng = engine(folders["tiny"], compile=True, max_num_batched_tokens=64, max_num_seqs=4)
     outs = eng.generate(prompts()[:3], GREEDY)
     assert [o.token_ids for o in outs] == reference["tiny"][:3]
+    assert eng.runner.step_attention.ctx is not None             # the compiled graph did run
 
 
 ON_EACH_DEVICE = pytest.mark.parametrize("device", [
