@@ -33,3 +33,17 @@ def test_weight_bytes_count_a_tied_head_once():
 def test_bad_workload_is_exit_2(capsys):
     assert B.main(["--workloads", "decode,typo"]) == 2
     assert capsys.readouterr().err.strip() == "error: unknown workload 'typo' (allowed: decode, prefill, mixed, prefix)"
+
+
+def test_warm_up_leaves_nothing_for_the_timed_run_to_hit():
+    """The warm-up builds the shapes the workloads use from look-alike prompts (same lengths, other
+    tokens): a timed run after it must find nothing of its own prompts in the prefix cache."""
+    import random
+    E = load("engine")
+    wl = B.workloads(quick=True, seed=0)
+    warm = B.lookalike(random.Random(1), wl["mixed"][0])
+    assert [len(p) for p in warm] == [len(p) for p in wl["mixed"][0]] and warm != wl["mixed"][0]
+    eng = E.LLMEngine(E.EngineConfig(model="tiny", dtype="float32", device="cpu", max_num_seqs=16,
+                                     max_num_batched_tokens=512, max_model_len=1024))
+    B.warm_up_compiled(eng, wl, ["mixed"], random.Random(1))
+    assert B.run_ours(eng, *wl["mixed"])["prefix_cache_hit_tokens"] == 0
