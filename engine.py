@@ -185,8 +185,8 @@ def _(q, k, v, step_attention, layer_idx):
 def configure_inductor(cache_dir: str) -> None:
     """CPU settings measured to matter for GEMV: weights frozen into the graph as constants
     (prepacked for oneDNN/AMX), max-autotune's C++ GEMM templates, and a C++ wrapper that calls
-    the step's kernels without Python in between (fp32 batch-1 decode 9.15 -> 9.9 tok/s). Compiled kernels and autotuning results
-    are cached on disk, so a second run starts faster."""
+    the step's kernels without Python in between (fp32 batch-1 decode, both without max-autotune:
+    9.15 -> 9.9 tok/s). Compiled kernels and autotuning results are cached on disk."""
     import torch._inductor.config as inductor
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir)
     inductor.freezing = True
@@ -388,8 +388,9 @@ class ModelRunner:
 
     Why compile only the short steps: a decode step reads every weight for a few tokens, so the
     ~60 small ops per layer between the GEMVs cost a large share of it, and fusing them pays; a
-    prefill step is GEMMs on hundreds of rows, whose eager speed is most of the GEMMs' own (README). And each compiled
-    shape costs a minute or more to build and, with frozen weights, holds its own copy of them."""
+    prefill step is GEMMs on hundreds of rows, whose eager speed is most of the GEMMs' own
+    (README). And each compiled shape costs a minute or more to build and, with frozen weights,
+    holds its own copy of them."""
 
     def __init__(self, model, block_manager: paged.BlockManager, kv_cache,
                  device: torch.device, max_blocks_per_seq: int, max_num_seqs: int, max_num_batched_tokens: int,
