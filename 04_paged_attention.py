@@ -522,8 +522,8 @@ class PagedContext:
       decode  (cu_seqlens_q None):  block_tables (B, max_blocks), context_lens (B,), one token each.
     Index tensors are int64 on the cache's device. The gather indices, the masks and the cache rows
     the new k/v go to do not depend on the layer, so the first layer's `attend` builds them and
-    every later layer reuses them (`_step_plan`, `slot_rows`); a step that never runs this model's attention (a CUDA graph replays its own)
-    builds nothing. static_shapes (decode only): the padded form, whose shapes depend on the
+    every later layer reuses them (`_step_plan`, `slot_rows`); a step that never runs this model's
+    attention (a CUDA graph replays its own) builds nothing. static_shapes (decode only): the padded form, whose shapes depend on the
     tensors' shapes only, never on their values (what a CUDA graph replays).
     """
 
