@@ -184,10 +184,9 @@ def warm_up_compiled(eng, wl: dict, names, rng: random.Random) -> None:
     for name in names:
         eng.generate(lookalike(rng, wl[name][0]), greedy(2))
     if any(name in ("mixed", "prefix") for name in names):
-        b = 1
-        while b <= eng.config.max_num_seqs:
+        m = eng.config.max_num_seqs
+        for b in sorted({engine_mod.bucket(n, m) for n in range(1, m + 1)}):   # the engine's own buckets
             eng.generate([[1]] * b, greedy(2))
-            b *= 2
 
 
 # ----------------------------------------------------------------------------- main

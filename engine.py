@@ -393,11 +393,11 @@ class ModelRunner:
     holds its own copy of them."""
 
     def __init__(self, model, block_manager: paged.BlockManager, kv_cache,
-                 device: torch.device, max_blocks_per_seq: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 device: torch.device, max_blocks_per_seq: int, max_num_seqs: int,
                  compile: bool = False, cuda_graphs: bool = False, cache_dir: str = ""):
         self.model, self.bm, self.kv_cache = model, block_manager, kv_cache
         self.device = device
-        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
         self.step_attention = StepAttention() if compile else None
         self.compiled = self.compiled_logits = None
         if compile:
@@ -497,7 +497,7 @@ class LLMEngine:
         self.block_manager = paged.BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = sched.Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.block_manager, self.kv_cache, self.device, max_blocks_per_seq,
-                                  config.max_num_seqs, config.max_num_batched_tokens, compile=config.compile,
+                                  config.max_num_seqs, compile=config.compile,
                                   cuda_graphs=cuda_graphs, cache_dir=qwen3.cache_root())
         self.sampler = sampling.Sampler()
         self.speculative = None
