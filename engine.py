@@ -34,6 +34,8 @@ falsy check: no strings built, no dicts, no `.item()`. The events, in the order 
 
 Speed: on CUDA, decode steps replay CUDA graphs captured per batch-size and block-table-width bucket
 (the Python and kernel-launch overhead of 28 layers disappears); `--enforce-eager` turns that off.
+With `--compile` the graphs capture the compiled step (norms, RoPE, casts fused into a few kernels:
+batch-1 decode 82 -> 185 tok/s on an H200).
 On CPU a decode step is a pass over every weight, so what matters is how fast the linear layers read them: each
 nn.Linear is swapped for the measured-fastest kernel of its dtype (`use_cpu_linear_kernels`),
 malloc keeps freed memory so activations do not page-fault in every step (`keep_freed_memory_mapped`),
@@ -278,11 +280,16 @@ class CUDAGraphDecoder:
 
     With `capture=False` (CPU, tests) the same buffers and padding run eagerly, which is how
     everything but the capture itself is tested without a GPU.
+
+    `forward(input_ids, positions, ctx)` is what gets captured: the model itself, or under
+    `--compile` the compiled step (ModelRunner.run_compiled), whose fused kernels are then replayed
+    the same way: fewer kernels a layer, and still no launches from Python.
     """
 
     def __init__(self, model, kv_cache, block_size: int, max_blocks_per_seq: int, max_batch: int,
-                 scratch_block: int, capture: bool):
+                 scratch_block: int, capture: bool, forward=None):
         self.model, self.kv_cache = model, kv_cache
+        self.forward = forward or model
         self.max_batch, self.max_width = bucket(max_batch, max_batch), max_blocks_per_seq
         self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
         self.capture = capture
@@ -299,7 +306,7 @@ class CUDAGraphDecoder:
     def _forward(self, b: int, w: int) -> torch.Tensor:
         ctx = paged.PagedContext(self.kv_cache, self.slot_mapping[:b], self.block_tables[:b, :w],
                                  self.context_lens[:b], static_shapes=True)      # decode metadata
-        return self.model(self.input_ids[:b], self.positions[:b], ctx)          # (b, hidden)
+        return self.forward(self.input_ids[:b], self.positions[:b], ctx)        # (b, hidden)
 
     def _graph(self, b: int, w: int):
         if (b, w) not in self.graphs:
@@ -401,13 +408,18 @@ class ModelRunner:
         self.step_attention = StepAttention() if compile else None
         self.compiled = self.compiled_logits = None
         if compile:
+            # CPU: every bucket its own graph, GEMMs autotuned for its shape. CUDA: torch.compile's
+            # default, the batch becomes a dynamic size after the second bucket, so two builds of
+            # the Triton kernels serve every batch size (cuBLAS picks its GEMM per shape at run time).
+            dynamic = False if device.type == "cpu" else None
             if device.type == "cpu":
                 configure_inductor(os.path.join(cache_dir, "inductor"))
-            self.compiled = torch.compile(model, dynamic=False)
-            self.compiled_logits = torch.compile(model.compute_logits, dynamic=False)
+            self.compiled = torch.compile(model, dynamic=dynamic)
+            self.compiled_logits = torch.compile(model.compute_logits, dynamic=dynamic)
         # the last block of the pool is the CUDA graphs' scratch block (see allocate in LLMEngine)
         self.graph_decoder = CUDAGraphDecoder(model, kv_cache, block_manager.block_size, max_blocks_per_seq,
-                                              max_num_seqs, kv_cache.shape[2] - 1, capture=True) \
+                                              max_num_seqs, kv_cache.shape[2] - 1, capture=True,
+                                              forward=self.run_compiled if compile else None) \
             if cuda_graphs else None
 
     def prepare(self, batch) -> tuple:
@@ -436,10 +448,16 @@ class ModelRunner:
         if eager or self.compiled is None or n > self.max_num_seqs:
             return self.model(input_ids, positions, ctx)
         pad = bucket(n, self.max_num_seqs) - n
-        self.step_attention.ctx, self.step_attention.num_tokens = ctx, n
-        hidden = self.compiled(torch.nn.functional.pad(input_ids, (0, pad)),
-                               torch.nn.functional.pad(positions, (0, pad)), self.step_attention)
+        hidden = self.run_compiled(torch.nn.functional.pad(input_ids, (0, pad)),
+                                   torch.nn.functional.pad(positions, (0, pad)), ctx, num_tokens=n)
         return hidden[:n]
+
+    def run_compiled(self, input_ids, positions, ctx, num_tokens: int | None = None) -> torch.Tensor:
+        """The compiled model on a step padded to a bucket; attention sees the first num_tokens
+        rows (default: all of them; the CUDA graphs' padding rows attend to their scratch block)."""
+        self.step_attention.ctx = ctx
+        self.step_attention.num_tokens = input_ids.shape[0] if num_tokens is None else num_tokens
+        return self.compiled(input_ids, positions, self.step_attention)
 
     def logits(self, hidden: torch.Tensor, eager: bool = False) -> torch.Tensor:
         if eager or self.compiled_logits is None:

@@ -43,7 +43,8 @@ def reference(folders):
     dict(block_size=4, num_kv_blocks=30, max_model_len=96),       # tiny pool: preemption
     dict(max_num_batched_tokens=7),                             # chunked prefill
     dict(enforce_eager=True),                                   # no graphs at all
-], ids=["graphs", "graphs-preemption", "graphs-chunked", "eager"])
+    dict(compile=True),                                         # graphs of the compiled step
+], ids=["graphs", "graphs-preemption", "graphs-chunked", "eager", "compiled-graphs"])
 def test_cuda_engine_equals_naive_generate(folders, reference, name, setting):
     eng = engine(folders[name], **setting)
     outs = eng.generate(prompts(11), SHRINKING)

@@ -158,9 +158,12 @@ def test_hooks_cost_nothing_when_off_and_see_every_step(folders):
     assert events.count("step_done") == eng.stats["steps"] // 2 and "finished" in events
 
 
-def test_cuda_graph_decoder_padding_without_a_gpu(folders):
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
+    shutil.which("c++") is None, reason="inductor compiles C++: needs a compiler"))], ids=["model", "compiled"])
+def test_cuda_graph_decoder_padding_without_a_gpu(folders, compiled):
     """The CUDA-graph decode path minus the capture: static buffers, batch padded to a bucket with
-    rows that only touch the scratch block. Same hidden states as eager, real blocks untouched."""
+    rows that only touch the scratch block. Same hidden states as eager, real blocks untouched.
+    compiled: what --compile on CUDA captures, the compiled step (attention its opaque op)."""
     P = load("04_paged_attention")
     model = M.load_model(folders["tiny"], torch.float32)
     cfg, bs, nb = model.config, 4, 40
@@ -177,7 +180,9 @@ def test_cuda_graph_decoder_padding_without_a_gpu(folders):
         kv_eager = kv.clone()
         ctx = P.PagedContext.from_spans(kv_eager, bm, spans)
         eager = model(ids, pos, ctx)
-        dec = E.CUDAGraphDecoder(model, kv, bs, max_blocks_per_seq=32, max_batch=8, scratch_block=nb, capture=False)
+        runner = E.ModelRunner(model, bm, kv, torch.device("cpu"), 32, 8, compile=True) if compiled else None
+        dec = E.CUDAGraphDecoder(model, kv, bs, max_blocks_per_seq=32, max_batch=8, scratch_block=nb, capture=False,
+                                 forward=runner.run_compiled if compiled else None)
         ctx = P.PagedContext.from_spans(kv, bm, spans)
         graphed = dec.run(ids, pos, ctx.slot_mapping, ctx.block_tables, ctx.context_lens)   # padded to 4 rows
     # eager decode attends per sequence, the graph path over padded tables: the same sums in another order,
@@ -186,6 +191,8 @@ def test_cuda_graph_decoder_padding_without_a_gpu(folders):
     torch.testing.assert_close(kv[:, :, :nb], kv_eager[:, :, :nb], atol=1e-5, rtol=1e-5)  # same K/V written
     assert kv[:, :, nb].abs().sum() > 0 and kv_eager[:, :, nb].abs().sum() == 0   # padding wrote only scratch
     assert E.bucket(3, 8) == 4 and E.bucket(9, 12) == 12 and E.bucket(1, 8) == 1
+    if compiled:
+        assert runner.step_attention.num_tokens == 4                  # the compiled step ran, on 4 rows
 
 
 @pytest.mark.skipif(not (M.cpu_has_bf16() and torch.backends.mkldnn.is_available()), reason="needs CPU bf16 units")
