@@ -391,7 +391,8 @@ class ModelRunner:
     """Packs a scheduled batch into flat tensors, runs the model over the paged KV cache and
     returns logits for the positions that sample. Three ways to run the model:
     eager (always correct, the reference), compiled (`compile`: steps of up to max_num_seqs
-    tokens, padded to shape buckets), and decode-only CUDA graphs (on CUDA unless `enforce_eager`).
+    tokens, padded to shape buckets), and decode-only CUDA graphs (on CUDA unless `enforce_eager`),
+    which capture the compiled step under `compile`.
 
     Why compile only the short steps: a decode step reads every weight for a few tokens, so the
     ~60 small ops per layer between the GEMVs cost a large share of it, and fusing them pays; a
