@@ -47,3 +47,17 @@ def test_warm_up_leaves_nothing_for_the_timed_run_to_hit():
                                      max_num_batched_tokens=512, max_model_len=1024))
     B.warm_up_compiled(eng, wl, ["mixed"], random.Random(1))
     assert B.run_ours(eng, *wl["mixed"])["prefix_cache_hit_tokens"] == 0
+
+
+def test_freeing_compiled_code_lets_the_frozen_weights_go():
+    """Inductor's generated modules hold frozen weights as globals; torch._dynamo.reset() alone
+    leaves them alive, and bench would load transformers next to a dead engine's weights."""
+    import weakref
+    E = load("engine")
+    eng = E.LLMEngine(E.EngineConfig(model="tiny", dtype="float32", device="cpu", compile=True,
+                                     max_num_seqs=1, max_model_len=64))
+    eng.generate([[1, 2, 3]], E.SamplingConfig(max_tokens=2, ignore_eos=True))
+    weight = weakref.ref(eng.model.model.embed_tokens.weight)
+    del eng
+    B.free_compiled_code()
+    assert weight() is None
