@@ -641,7 +641,7 @@ def demo_embedding(L: Lesson) -> dict:
     if head is not None:
         tied = head.data_ptr() == W.data_ptr()
         L.say(f"lm_head.weight is the same tensor as embed_tokens.weight (tied): {tied}")
-    else:                                   # the engine swapped lm_head for a prepacked bf16 matmul (CPU)
+    else:                                   # the engine swapped lm_head for a prepacked matmul (CPU)
         tied = model.config.tie_word_embeddings
         L.say(f"lm_head here is {type(model.lm_head).__name__} (its weight repacked for this CPU); the checkpoint "
               f"ties it to embed_tokens: {tied}")

@@ -195,16 +195,19 @@ def test_cuda_graph_decoder_padding_without_a_gpu(folders, compiled):
         assert runner.step_attention.num_tokens == 4                  # the compiled step ran, on 4 rows
 
 
-@pytest.mark.skipif(not (M.cpu_has_bf16() and torch.backends.mkldnn.is_available()), reason="needs CPU bf16 units")
-def test_packed_bf16_linear_matches_nn_linear():
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
+def test_packed_linear_matches_nn_linear(dtype, tol):
+    if dtype == torch.bfloat16 and not M.cpu_has_bf16():
+        pytest.skip("needs CPU bf16 units")
     torch.manual_seed(0)
     for rows in (1, 5, 64):
-        lin = torch.nn.Linear(256, 384, bias=False).to(torch.bfloat16)
-        x = torch.randn(rows, 256, dtype=torch.bfloat16)
-        torch.testing.assert_close(E.PackedLinear(lin)(x).float(), lin(x).float(), atol=2e-2, rtol=2e-2)
+        lin = torch.nn.Linear(256, 384, bias=False).to(dtype)
+        x = torch.randn(rows, 256, dtype=dtype)
+        torch.testing.assert_close(E.PackedLinear(lin)(x).float(), lin(x).float(), atol=tol, rtol=tol)
 
 
-def test_small_batch_fp32_linear_matches_nn_linear_and_keeps_the_tie(folders):
+def test_small_batch_fp32_linear_matches_nn_linear_and_keeps_the_tie(folders, monkeypatch):
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 384, bias=False)
     for rows in (1, 3, 4, 16, 32, 33, 64):        # both sides of each switch-over
@@ -212,9 +215,19 @@ def test_small_batch_fp32_linear_matches_nn_linear_and_keeps_the_tie(folders):
         out = E.SmallBatchLinear(lin)(x)
         assert out.is_contiguous() and out.shape == (rows, 384)
         torch.testing.assert_close(out, lin(x), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(E, "cpu_vendor", lambda: "GenuineIntel")
     eng = engine(folders["tiny"], dtype="float32")
     assert eng.linear_kernels == "SmallBatchLinear"
     assert eng.model.lm_head.weight is eng.model.model.embed_tokens.weight
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_fp32_engine_on_amd_packs_its_weights_for_onednn(folders, reference, monkeypatch):
+    """MKL is slow on AMD CPUs, so fp32 weights go to oneDNN there; the tokens stay naive_generate's."""
+    monkeypatch.setattr(E, "cpu_vendor", lambda: "AuthenticAMD")
+    eng = engine(folders["tiny"], dtype="float32")
+    assert eng.linear_kernels == "PackedLinear" and isinstance(eng.model.lm_head, E.PackedLinear)
+    assert [o.token_ids for o in eng.generate(prompts(), GREEDY)] == reference["tiny"]
 
 
 @pytest.mark.skipif(not (M.cpu_has_bf16() and torch.backends.mkldnn.is_available()), reason="needs CPU bf16 units")
