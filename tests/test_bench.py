@@ -15,6 +15,7 @@ def test_tiny_run_reports_rooflines_and_cache_identity(capsys):
     assert doc["machine"]["threads"] == torch.get_num_threads() and doc["device"] == "cpu"
     (r,) = doc["results"]
     assert r["dtype"] == "float32" and r["memory_read_gb_s"] > 0 and r["matmul_gflop_s"] > 0
+    assert len(r["memory_read_gb_s_samples"]) == 2 and r["memory_read_gb_s"] == max(r["memory_read_gb_s_samples"])
     for name in ("decode", "prefill"):
         w = r[name]
         assert w["roofline_tok_s"] > 0 and w["fraction_of_roofline"] == round(
