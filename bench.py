@@ -249,6 +249,14 @@ def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
     for name in args.workloads:
         prompts, outs = wl[name]
         r = run_ours(eng, prompts, outs)
+        if name == "prefill":
+            # One prompt is one step, a single sample of tens of ms that moves by ~15% from run to
+            # run on a shared VM; the rooflines it is compared with are best-of-5 timings. So it
+            # runs three times (the workload's prompt, then look-alikes: no prefix-cache hits)
+            # and the best counts, against the best of the rooflines.
+            samples = [r] + [run_ours(eng, lookalike(warm_rng, prompts), outs) for _ in range(2)]
+            r = max(samples, key=lambda x: x["prefill_tok_s"])
+            r["prefill_tok_s_samples"] = [x["prefill_tok_s"] for x in samples]
         if name == "prefix":
             off = engine_mod.LLMEngine(engine_mod.EngineConfig(**{**cfg.__dict__, "enable_prefix_caching": False}))
             if args.compile:                    # its own graphs (another model), built before timing too
