@@ -436,8 +436,13 @@ class ModelRunner:
             dynamic = False if device.type == "cpu" else None
             if device.type == "cpu":
                 configure_inductor(os.path.join(cache_dir, "inductor"))
-            self.compiled = torch.compile(model, dynamic=dynamic)
-            self.compiled_logits = torch.compile(model.compute_logits, dynamic=dynamic)
+            # No guards on the modules: the model never changes after loading, and checking its
+            # parameters and submodules before every call cost 0.43 ms a call, two calls a step
+            # (AMD EPYC, bf16 batch-1 decode; 0.06 ms without). The inputs' shapes still pick the
+            # bucket's graph, and each torch.compile keeps its own cache, so never another model's.
+            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            self.compiled = torch.compile(model, dynamic=dynamic, options=options)
+            self.compiled_logits = torch.compile(model.compute_logits, dynamic=dynamic, options=options)
         # the last block of the pool is the CUDA graphs' scratch block (see allocate in LLMEngine)
         self.graph_decoder = CUDAGraphDecoder(model, kv_cache, block_manager.block_size, max_blocks_per_seq,
                                               max_num_seqs, kv_cache.shape[2] - 1, capture=True,

@@ -65,13 +65,16 @@ def test_engine_equals_naive_generate(folders, reference, name, setting):
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="inductor compiles C++: needs a compiler")
-def test_compiled_engine_equals_naive_generate(folders, reference):
+@pytest.mark.parametrize("name", ["tiny", "hf-saved"])
+def test_compiled_engine_equals_naive_generate(folders, reference, name):
     """--compile (inductor, weights frozen into the graph, the paged attention an opaque op, decode
-    steps of 3 padded to a bucket of 4): a real compile of `tiny`. Guards the compiled path itself,
-    e.g. against weights that freezing would read wrongly or padding rows that leak."""
-    eng = engine(folders["tiny"], compile=True, max_num_batched_tokens=64, max_num_seqs=4)
+    steps of 3 padded to a bucket of 4): a real compile. Guards the compiled path itself, e.g.
+    against weights that freezing would read wrongly or padding rows that leak; and, the second
+    checkpoint compiled in the same process with the same shapes, that an engine never runs another
+    engine's graph (the compiled model skips its guards on modules: only its own cache may hold it)."""
+    eng = engine(folders[name], compile=True, max_num_batched_tokens=64, max_num_seqs=4)
     outs = eng.generate(prompts()[:3], GREEDY)
-    assert [o.token_ids for o in outs] == reference["tiny"][:3]
+    assert [o.token_ids for o in outs] == reference[name][:3]
     assert eng.runner.step_attention.ctx is not None             # the compiled graph did run
 
 
