@@ -482,9 +482,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, stat
 
     Two ways, same numbers:
 
-    Per sequence (the default, eager): every sequence's blocks are gathered in one copy, head by
-    head, into (n_kv, total_tokens, d); then each sequence is one fused SDPA call over exactly its
-    context_len keys (a view, no copy, no mask, GQA without repeating K/V). How many blocks each
+    Per sequence (the default, eager): a sequence's blocks are gathered head by head into
+    (n_kv, tokens, d) (on a GPU every sequence's in one copy), then each sequence is one fused
+    SDPA call over exactly its context_len keys (a view, no mask, GQA without repeating K/V). How many blocks each
     sequence uses decides the shapes: fine for eager code. Measured on a 2-core CPU, bf16,
     Qwen3-0.6B's heads: 0.26 ms a layer for one 430-token sequence and ~4 ms for 16 sequences of
     230-610 tokens, where a blockwise online softmax over just the blocks in use (flash-decoding
