@@ -10,7 +10,7 @@ fraction of its roofline:
 
 Workloads (seeded, random token ids, ignore_eos so lengths are what was asked for):
   decode   one request, a short prompt, many new tokens: batch-1 decode tok/s
-  prefill  one long prompt, one new token: prefill tok/s
+  prefill  one long prompt, one new token, three times (other tokens each time): the best prefill tok/s
   mixed    many requests, prompts and outputs of random lengths, all submitted at once (the
            offline-batch workload of nano-vllm's bench, scaled to a CPU): output tok/s
   prefix   requests sharing a long system prompt: with and without the prefix cache
