@@ -380,6 +380,14 @@ def _step_plan(block_tables, context_lens, q_lens, block_size: int, n_kv: int, s
 NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+# Where a sequence's gathered blocks are read decides the copy. A GPU gathers the whole step at
+# once (one kernel launch, not one per sequence). A CPU gathers each sequence right before its
+# SDPA, which then reads them from cache: measured on an AMD EPYC, a bf16 batch-16 decode step at
+# a 340-token context 195-235 -> 175 ms (the whole step's gather, 23 MB a layer, leaves SDPA
+# reading from memory), fp32 409 -> 345; at a 48-token context 115 -> 125.
+GATHER_WHOLE_STEP_ON = ("cuda",)
+
+
 def _attend_per_sequence(q, k, v, k_cache, v_cache, plan):
     """q (N, H, d) and the step's own k/v (N, n_kv, d; None: every sequence reads the cache) ->
     (N, H, d): each sequence's blocks gathered, then one fused SDPA per sequence."""
@@ -392,12 +400,7 @@ def _attend_each(q, k, v, k_cache, v_cache, plan):
     H = q.shape[1]
     heads_first = lambda x: x.transpose(0, 1)[None]          # noqa: E731   (n, h, d) -> (1, h, n, d)
     gather = lambda cache, index: cache.view(-1, bs * d).index_select(0, index)   # noqa: E731   (rows, bs * d)
-    # Where a sequence's gathered blocks are read decides the copy. A GPU gathers the whole step
-    # at once (one kernel launch, not one per sequence). A CPU gathers each sequence right before
-    # its SDPA, which then reads them from cache: measured on an AMD EPYC, a bf16 batch-16 decode
-    # step at a 340-token context 195-235 -> 175 ms (the whole step's gather, 23 MB a layer,
-    # leaves SDPA reading from memory), fp32 409 -> 345; at a 48-token context 115 -> 125.
-    whole_step = q.is_cuda
+    whole_step = q.device.type in GATHER_WHOLE_STEP_ON
     if whole_step and plan.index.numel():
         k_all, v_all = gather(k_cache, plan.index), gather(v_cache, plan.index)
     outs = []

@@ -75,8 +75,11 @@ def test_prefill_equals_dense(H, n_kv, block_size, pad):
 
 
 @pytest.mark.parametrize("H,n_kv", GQA)
-def test_prefill_with_cached_prefix(H, n_kv):
-    """context_len > q_len: the new tokens are each sequence's last q_len positions."""
+@pytest.mark.parametrize("whole_step", [False, True], ids=["per-sequence-gather", "whole-step-gather"])
+def test_prefill_with_cached_prefix(H, n_kv, whole_step, monkeypatch):
+    """context_len > q_len: the new tokens are each sequence's last q_len positions. Both ways of
+    gathering (the whole step at once is what a GPU does; forced here on the CPU)."""
+    monkeypatch.setattr(P, "GATHER_WHOLE_STEP_ON", ("cpu", "cuda") if whole_step else ())
     ctx_lens, q_lens = [17, 33, 5, 40, 16], [1, 10, 5, 7, 16]
     seqs, kc, vc, bt, ctx = paged_layout(ctx_lens, q_lens, H, n_kv, 16, 16, seed=1)
     q = torch.cat([s[0][-m:] for s, m in zip(seqs, q_lens)])
