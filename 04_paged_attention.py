@@ -357,16 +357,17 @@ def _step_plan(block_tables, context_lens, q_lens, block_size: int, n_kv: int, s
     lens, q_lens = context_lens.tolist(), q_lens.tolist()                       # one sync per step
     own_kv = [step_kv and n == m for n, m in zip(lens, q_lens)]
     blocks_used = [0 if own else -(-n // block_size) for n, own in zip(lens, own_kv)]
-    heads = torch.arange(n_kv, device=block_tables.device)[:, None]
-    tables = block_tables.long()
-    index = [(tables[b, :used][None, :] * n_kv + heads).reshape(-1) for b, used in enumerate(blocks_used) if used]
-    index = torch.cat(index) if index else tables.new_empty(0)                 # (n_kv * blocks in use,)
+    device = block_tables.device
+    B, width = block_tables.shape
+    in_use = torch.arange(width, device=device) < torch.tensor(blocks_used, device=device)[:, None]   # (B, width)
+    rows = block_tables.long()[:, None, :] * n_kv + torch.arange(n_kv, device=device)[None, :, None]  # (B, n_kv, width)
+    index = rows[in_use[:, None, :].expand(B, n_kv, width)]           # (n_kv * blocks in use,) sequence, head, block
     seqs, q_start, row = [], 0, 0
     for n, m, own, used in zip(lens, q_lens, own_kv, blocks_used):
         mask = None
         if 1 < m < n:
-            q_pos = torch.arange(n - m, n, device=tables.device)
-            mask = torch.arange(n, device=tables.device)[None, :] <= q_pos[:, None]      # (q_len, context_len)
+            q_pos = torch.arange(n - m, n, device=device)
+            mask = torch.arange(n, device=device)[None, :] <= q_pos[:, None]      # (q_len, context_len)
         seqs.append(SimpleNamespace(q=(q_start, q_start + m), own=own, rows=(row, row + n_kv * used),
                                     context_len=n, causal=m == n and m > 1, mask=mask))
         q_start, row = q_start + m, row + n_kv * used
@@ -416,7 +417,7 @@ def _attend_each(q, k, v, k_cache, v_cache, plan):
             values = values.view(1, n_kv, -1, d)[:, :, :seq.context_len]
         if qb - qa == 1:
             # A decode row: GQA as a shape, the g query heads of a KV head are g queries of one
-            # n_kv-headed attention (as in _attend_padded). Same numbers as enable_gqa, and on an
+            # n_kv-headed attention (as in _decode_padded). Same numbers as enable_gqa, and on an
             # AMD EPYC 4x faster in bf16 (164 vs 698 us at a 400-token context): the fused CPU
             # kernel parallelises over query rows, and 16 heads of 1 row make tiny work items.
             out = F.scaled_dot_product_attention(q[qa].view(1, n_kv, H // n_kv, d), keys, values)
@@ -487,11 +488,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, stat
 
     Per sequence (the default, eager): a sequence's blocks are gathered head by head into
     (n_kv, tokens, d) (on a GPU every sequence's in one copy), then each sequence is one fused
-    SDPA call over exactly its context_len keys (a view, no mask, GQA without repeating K/V). How many blocks each
-    sequence uses decides the shapes: fine for eager code. Measured on a 2-core CPU, bf16,
-    Qwen3-0.6B's heads: 0.26 ms a layer for one 430-token sequence and ~4 ms for 16 sequences of
-    230-610 tokens, where a blockwise online softmax over just the blocks in use (flash-decoding
-    written as ~30 tensor ops) took 0.8 and ~5.5 ms.
+    SDPA call over exactly its context_len keys (a view, no mask, GQA without repeating K/V).
+    How many blocks each sequence uses decides the shapes: fine for eager code. Measured on a
+    2-core CPU, bf16, Qwen3-0.6B's heads: 0.26 ms a layer for one 430-token sequence and ~4 ms for
+    16 sequences of 230-610 tokens, where a blockwise online softmax over just the blocks in use
+    (flash-decoding written as ~30 tensor ops) took 0.8 and ~5.5 ms.
 
     Padded (static_shapes=True, what CUDA graphs replay): shapes may depend only on the tables'
     shapes, never on their values. So every sequence gathers its table's full width (B, n_kv,
