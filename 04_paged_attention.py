@@ -37,23 +37,28 @@ only when the free list is empty, least recently used first. So the system promp
 request is still there for the next one. Only blocks whose every token is computed and verified
 are hashed (`commit`), never a partly filled block or speculative (draft) tokens.
 
-Attention over a block table: here a sequence's blocks are gathered in one copy (whole blocks,
-one contiguous run per block and KV head), then each sequence - a prompt chunk or one decoding
-token alike - is one fused SDPA over exactly its tokens (`_step_plan`). A prompt's first
-chunk needs no gather at all: its keys are the step's own. Real engines never make that copy:
-vLLM's paged-attention CUDA kernels and FlashAttention / FlashInfer (which take a block table)
-read each block in place, inside one fused kernel. Where shapes must not depend on the data (CUDA
-graphs), each decoding sequence gathers its whole block table, padded, and a mask hides the slots
-past its end (see `paged_decode_attention`).
+Attention over a block table, written with torch's ops: a sequence's blocks are gathered in one
+copy (whole blocks, one contiguous run per block and KV head), then each sequence - a prompt
+chunk or one decoding token alike - is one fused SDPA over exactly its tokens (`_step_plan`). A
+prompt's first chunk needs no gather at all: its keys are the step's own. Real engines never
+make that copy: vLLM's paged-attention kernels and FlashAttention / FlashInfer (which take a
+block table) read each block in place, inside one fused kernel. So does this file's one piece of
+C++, for decode rows on a CPU (`DECODE_KERNEL_SOURCE`, ~60 lines against ATen, compiled on first
+use): 5x faster than gather + SDPA at batch 16, and the gather + SDPA path stays as its fallback
+and its check. Where shapes must not depend on the data (CUDA graphs), each decoding sequence
+gathers its whole block table, padded, and a mask hides the slots past its end (see
+`paged_decode_attention`).
 
     python 04_paged_attention.py     # block tables drawn, prefix cache hits, paged == dense attention
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import math
 import sys
+import warnings
 from collections import OrderedDict, deque
 from types import SimpleNamespace
 
@@ -362,16 +367,26 @@ def _step_plan(block_tables, context_lens, q_lens, block_size: int, n_kv: int, s
     in_use = torch.arange(width, device=device) < torch.tensor(blocks_used, device=device)[:, None]   # (B, width)
     rows = block_tables.long()[:, None, :] * n_kv + torch.arange(n_kv, device=device)[None, :, None]  # (B, n_kv, width)
     index = rows[in_use[:, None, :].expand(B, n_kv, width)]           # (n_kv * blocks in use,) sequence, head, block
-    seqs, q_start, row = [], 0, 0
-    for n, m, own, used in zip(lens, q_lens, own_kv, blocks_used):
+    seqs, q_start, row, decode_rows = [], 0, 0, []
+    for b, (n, m, own, used) in enumerate(zip(lens, q_lens, own_kv, blocks_used)):
         mask = None
         if 1 < m < n:
             q_pos = torch.arange(n - m, n, device=device)
             mask = torch.arange(n, device=device)[None, :] <= q_pos[:, None]      # (q_len, context_len)
+        kernel_row = None
+        if m == 1 and not own:                   # a decode row reading the cache: the kernel's work
+            kernel_row = len(decode_rows)
+            decode_rows.append((b, q_start))
         seqs.append(SimpleNamespace(q=(q_start, q_start + m), own=own, rows=(row, row + n_kv * used),
-                                    context_len=n, causal=m == n and m > 1, mask=mask))
+                                    context_len=n, causal=m == n and m > 1, mask=mask, kernel_row=kernel_row))
         q_start, row = q_start + m, row + n_kv * used
-    return SimpleNamespace(index=index, seqs=seqs)
+    # The decode rows as one batch for `paged_decode_kernel`: their q rows, tables and lengths.
+    which = torch.tensor([b for b, _ in decode_rows], dtype=torch.long, device=device)
+    decode = SimpleNamespace(count=len(decode_rows), every_row=len(decode_rows) == q_start,
+                             q_rows=torch.tensor([r for _, r in decode_rows], dtype=torch.long, device=device),
+                             block_tables=block_tables.long()[which].contiguous(),
+                             context_lens=context_lens.long()[which].contiguous())
+    return SimpleNamespace(index=index, seqs=seqs, decode=decode)
 
 
 # On recent NVIDIA GPUs SDPA prefers cuDNN's attention for bf16, which builds a plan for every new
@@ -389,24 +404,36 @@ NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBacke
 GATHER_WHOLE_STEP_ON = ("cuda",)
 
 
-def _attend_per_sequence(q, k, v, k_cache, v_cache, plan):
+def _attend_per_sequence(q, k, v, k_cache, v_cache, plan, kernel: bool = True):
     """q (N, H, d) and the step's own k/v (N, n_kv, d; None: every sequence reads the cache) ->
-    (N, H, d): each sequence's blocks gathered, then one fused SDPA per sequence."""
+    (N, H, d): each sequence's blocks gathered, then one fused SDPA per sequence; decode rows
+    go to the kernel below instead where it applies (kernel=False: never)."""
     with sdpa_kernel(NO_CUDNN) if q.is_cuda else contextlib.nullcontext():
-        return _attend_each(q, k, v, k_cache, v_cache, plan)
+        return _attend_each(q, k, v, k_cache, v_cache, plan, kernel)
 
 
-def _attend_each(q, k, v, k_cache, v_cache, plan):
+def _attend_each(q, k, v, k_cache, v_cache, plan, kernel):
     n_kv, bs, d = k_cache.shape[1:]
     H = q.shape[1]
     heads_first = lambda x: x.transpose(0, 1)[None]          # noqa: E731   (n, h, d) -> (1, h, n, d)
     gather = lambda cache, index: cache.view(-1, bs * d).index_select(0, index)   # noqa: E731   (rows, bs * d)
+    decoded = None
+    if kernel and plan.decode.count and decode_kernel_applies(q, k_cache):
+        # Every decode row in one call of the kernel, which reads their blocks in place.
+        dec = plan.decode
+        if dec.every_row:                        # a pure decode step: the whole answer
+            return paged_decode_kernel(q, k_cache, v_cache, dec.block_tables, dec.context_lens)
+        decoded = paged_decode_kernel(q.index_select(0, dec.q_rows), k_cache, v_cache,
+                                      dec.block_tables, dec.context_lens)                  # (decode rows, H, d)
     whole_step = q.device.type in GATHER_WHOLE_STEP_ON
     if whole_step and plan.index.numel():
         k_all, v_all = gather(k_cache, plan.index), gather(v_cache, plan.index)
     outs = []
     for seq in plan.seqs:
         qa, qb = seq.q
+        if decoded is not None and seq.kernel_row is not None:
+            outs.append(decoded[seq.kernel_row:seq.kernel_row + 1])
+            continue
         if seq.own:
             keys, values = heads_first(k[qa:qb]), heads_first(v[qa:qb])           # (1, n_kv, q_len, d)
         else:
@@ -448,6 +475,171 @@ def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, blo
     return _attend_per_sequence(q, None, None, k_cache, v_cache, plan)
 
 
+# ----------------------------------------------------------------------------- decode rows on a CPU: a kernel
+
+
+# What a paged-attention kernel is: attention that follows the block table itself, reading each
+# block where it lies in the pool, so no sequence's keys are ever copied together. vLLM's CUDA and
+# CPU kernels, FlashAttention and FlashInfer all work this way; torch ships none for the CPU, so
+# here is one, written against ATen (the C++ library under torch) and compiled on first use.
+# Per (sequence, KV head), the g query heads that share that KV head: for each block in the
+# table, scores s = q.k for its tokens in use, then the online softmax (the running max m and sum
+# l rescale what came before), then acc += p.v; out = acc / l. One work item reads its blocks'
+# keys and values once, in fp32 arithmetic whatever the cache's dtype, and nothing else.
+# Measured on a 2-core AMD EPYC (AVX-512), bf16, 16 sequences of 340 tokens, Qwen3-0.6B's heads:
+# 0.59 ms a layer (22 MB of K/V at 38 GB/s, the memory's speed), against 3.3 ms for the gather
+# and one SDPA per sequence above; fp32 2.2 vs 4.2 ms.
+DECODE_KERNEL_SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <cfloat>
+#include <numeric>
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t W = Vec::size();         // floats in one SIMD register: 16 with AVX-512, 8 with AVX2
+constexpr int64_t MAX_D = 256, MAX_BLOCK = 64;
+
+static inline Vec load(const float* p) { return Vec::loadu(p); }
+static inline Vec load(const at::BFloat16* p) { Vec v; at::vec::load_to_float(p, v); return v; }
+
+// One sequence, one KV head and its G query heads, over the blocks of one block table.
+template <typename T, int G>
+static void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
+                       int64_t context_len, int64_t n_kv, int64_t bs, int64_t d, int64_t head, T* out) {
+  alignas(64) float qs[G][MAX_D], acc[G][MAX_D], p[G][MAX_BLOCK];
+  float m[G], l[G];
+  const Vec scale(1.0f / std::sqrt(float(d)));
+  for (int a = 0; a < G; ++a) {
+    for (int64_t i = 0; i < d; i += W) (load(q + a * d + i) * scale).store(qs[a] + i);
+    std::fill(acc[a], acc[a] + d, 0.f);
+    m[a] = -FLT_MAX;
+    l[a] = 0.f;
+  }
+  for (int64_t j = 0; j * bs < context_len; ++j) {
+    const int64_t n = std::min(bs, context_len - j * bs);           // tokens of block j in use
+    const T* kb = k_cache + (table[j] * n_kv + head) * bs * d;       // (bs, d): this head's run
+    const T* vb = v_cache + (table[j] * n_kv + head) * bs * d;
+    for (int64_t t = 0; t < n; ++t) {                                // p[a][t] = q_a . k_t (scaled)
+      Vec s[G];
+      for (int a = 0; a < G; ++a) s[a] = Vec(0.f);
+      for (int64_t i = 0; i < d; i += W) {
+        const Vec k = load(kb + t * d + i);
+        for (int a = 0; a < G; ++a) s[a] = at::vec::fmadd(Vec::loadu(qs[a] + i), k, s[a]);
+      }
+      for (int a = 0; a < G; ++a)
+        p[a][t] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, s[a]);
+    }
+    for (int a = 0; a < G; ++a) {
+      const float m_new = std::max(m[a], *std::max_element(p[a], p[a] + n));
+      const float rescale = std::exp(m[a] - m_new);                  // what came before, re-based
+      for (int64_t t = 0; t < n; t += W) {
+        const int64_t c = std::min(W, n - t);
+        (Vec::loadu(p[a] + t, c) - Vec(m_new)).exp_u20().store(p[a] + t, c);
+      }
+      l[a] = l[a] * rescale + std::accumulate(p[a], p[a] + n, 0.f);
+      m[a] = m_new;
+      for (int64_t i = 0; i < d; i += W) {                           // acc = acc * rescale + p . v
+        Vec o = Vec::loadu(acc[a] + i) * Vec(rescale);
+        for (int64_t t = 0; t < n; ++t) o = at::vec::fmadd(Vec(p[a][t]), load(vb + t * d + i), o);
+        o.store(acc[a] + i);
+      }
+    }
+  }
+  for (int a = 0; a < G; ++a)
+    for (int64_t i = 0; i < d; ++i) out[a * d + i] = T(acc[a][i] / l[a]);
+}
+
+template <typename T>
+static void attend_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& block_tables, const at::Tensor& context_lens, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(2), n_kv = k_cache.size(1), bs = k_cache.size(2);
+  const int64_t g = H / n_kv, width = block_tables.size(1);
+  const T *qp = q.const_data_ptr<T>(), *kp = k_cache.const_data_ptr<T>(), *vp = v_cache.const_data_ptr<T>();
+  const int64_t *tables = block_tables.const_data_ptr<int64_t>(), *lens = context_lens.const_data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  auto one = g == 1 ? attend_one<T, 1> : g == 2 ? attend_one<T, 2> : g == 4 ? attend_one<T, 4> : attend_one<T, 8>;
+  // Work items head-major (all sequences of head 0, then head 1, ...): each thread's share of
+  // them covers every sequence, long and short alike.
+  at::parallel_for(0, n_kv * B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t h = w / B, b = w % B, first = (b * H + h * g) * d;
+      one(qp + first, kp, vp, tables + b * width, lens[b], n_kv, bs, d, h, op + first);
+    }
+  });
+}
+
+// q (B, H, d); caches (num_blocks, n_kv, block_size, d); block_tables (B, width) and
+// context_lens (B,) int64. Returns (B, H, d). Every index is checked before any is read.
+at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
+                        at::Tensor context_lens) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && block_tables.dim() == 2, "paged_decode: bad ranks");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              block_tables.is_contiguous() && context_lens.is_contiguous(), "paged_decode: tensors must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.sizes() == k_cache.sizes() &&
+              (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16), "paged_decode: fp32 or bf16 q/k/v");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "paged_decode: int64 tables");
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(2), n_kv = k_cache.size(1), bs = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == d && d % W == 0 && d <= MAX_D && bs <= MAX_BLOCK && H % n_kv == 0 &&
+              (H / n_kv == 1 || H / n_kv == 2 || H / n_kv == 4 || H / n_kv == 8), "paged_decode: unsupported shapes");
+  TORCH_CHECK(block_tables.size(0) == B && context_lens.size(0) == B, "paged_decode: one table and length per row");
+  const int64_t* tables = block_tables.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = context_lens.const_data_ptr<int64_t>()[b], used = (n + bs - 1) / bs;
+    TORCH_CHECK(n >= 1 && used <= block_tables.size(1), "paged_decode: context_len out of range");
+    for (int64_t j = 0; j < used; ++j)
+      TORCH_CHECK(tables[b * block_tables.size(1) + j] >= 0 && tables[b * block_tables.size(1) + j] < k_cache.size(0),
+                  "paged_decode: block id out of range");
+  }
+  at::Tensor out = at::empty_like(q);
+  if (q.scalar_type() == at::kFloat) attend_all<float>(q, k_cache, v_cache, block_tables, context_lens, out);
+  else attend_all<at::BFloat16>(q, k_cache, v_cache, block_tables, context_lens, out);
+  return out;
+}
+"""
+
+# Where decode rows go to the kernel: a CPU (a GPU replays the padded form in CUDA graphs, below).
+DECODE_KERNEL_ON = ("cpu",)
+
+
+@functools.cache
+def cpu_decode_kernel():
+    """The kernel above, compiled for this CPU, or None where it cannot be built (no C++ compiler
+    or ninja): then decode rows take the gather + SDPA path, same numbers, slower. The first
+    build takes ~25 s; torch keeps the library on disk (~/.cache/torch_extensions) for the next
+    process. Named after the CPU's vector ISA, so a home directory shared by machines of another
+    kind never loads code built for instructions they lack."""
+    from torch.utils.cpp_extension import load_inline
+    isa = torch.backends.cpu.get_cpu_capability()           # "AVX512", "AVX2", "DEFAULT", ...
+    flags = ["-O3", "-march=native", "-fopenmp"]             # OpenMP: torch's own thread pool runs the work
+    if isa in ("AVX512", "AVX2"):
+        flags.append(f"-DCPU_CAPABILITY_{isa}")               # at::vec's SIMD implementation for it
+    try:
+        return load_inline(f"nano_vllm_paged_decode_{isa.lower()}", DECODE_KERNEL_SOURCE, functions=["paged_decode"],
+                           extra_cflags=flags, extra_ldflags=["-fopenmp"])
+    except (OSError, RuntimeError) as e:                     # no compiler, no ninja, a failed build
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"the CPU paged-attention kernel could not be built ({first_line}); "
+                      "decode attention gathers and runs SDPA per sequence instead", stacklevel=2)
+        return None
+
+
+def decode_kernel_applies(q, k_cache) -> bool:
+    """Whether the kernel takes these decode rows: a CPU, fp32 or bf16, the shapes it was written
+    for (head size a multiple of 16 up to 256, blocks up to 64 tokens, 1, 2, 4 or 8 query heads
+    per KV head; every Qwen3 qualifies), and a build that succeeded."""
+    n_kv, block_size, d = k_cache.shape[1:]
+    return (q.device.type in DECODE_KERNEL_ON and q.dtype in (torch.float32, torch.bfloat16)
+            and d % 16 == 0 and d <= 256 and block_size <= 64 and q.shape[1] // n_kv in (1, 2, 4, 8)
+            and q.shape[1] % n_kv == 0 and cpu_decode_kernel() is not None)
+
+
+def paged_decode_kernel(q, k_cache, v_cache, block_tables, context_lens):
+    """q (B, H, d): one decode row per sequence, attending to its context_lens[b] cached tokens
+    through block_tables (B, width) int64, read in place by the kernel. Returns (B, H, d)."""
+    return cpu_decode_kernel().paged_decode(q.contiguous(), k_cache, v_cache, block_tables, context_lens)
+
+
 # ----------------------------------------------------------------------------- decode, static shapes
 
 
@@ -480,13 +672,18 @@ def _decode_padded(q, k_cache, v_cache, meta):
     return out.reshape(B, H, d)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, static_shapes: bool = False):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, static_shapes: bool = False,
+                           kernel: bool = True):
     """One new token per sequence: q (B, H, d) (its k/v already stored) attends to its
     context_lens[b] cached tokens through block_tables (B, max_blocks). Returns (B, H, d).
 
-    Two ways, same numbers:
+    Three ways, same numbers (up to rounding):
 
-    Per sequence (the default, eager): a sequence's blocks are gathered head by head into
+    On a CPU, the kernel (`paged_decode_kernel`): every row in one call that reads each block in
+    place, where the build succeeded and the shapes fit (`decode_kernel_applies`; kernel=False
+    takes the next way instead).
+
+    Per sequence (eager, elsewhere): a sequence's blocks are gathered head by head into
     (n_kv, tokens, d) (on a GPU every sequence's in one copy), then each sequence is one fused
     SDPA call over exactly its context_len keys (a view, no mask, GQA without repeating K/V).
     How many blocks each sequence uses decides the shapes: fine for eager code. Measured on a
@@ -512,7 +709,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, stat
     if static_shapes:
         return _decode_padded(q, k_cache, v_cache, _padded_metadata(block_tables, context_lens, block_size, n_kv))
     plan = _step_plan(block_tables, context_lens, torch.ones_like(context_lens), block_size, n_kv, step_kv=False)
-    return _attend_per_sequence(q, None, None, k_cache, v_cache, plan)
+    return _attend_per_sequence(q, None, None, k_cache, v_cache, plan, kernel)
 
 
 def decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens):
@@ -608,6 +805,31 @@ WORDS = ["<s>", "the", "cat", "sat", "on", "mat", "and", "then", "slept", "purre
          "far", "away", "home", "loudly", "all", "day", "long"]
 
 
+def show_decode_speed(console, batch: int = 16, context_len: int = 340, dtype=torch.bfloat16) -> None:
+    """Time one layer's decode attention both ways at Qwen3-0.6B's heads, here, on this machine."""
+    import time
+    H, n_kv, d, bs = 16, 8, 128, 16
+    blocks = -(-context_len // bs)
+    k_cache = torch.randn(batch * blocks, n_kv, bs, d, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(batch * blocks).view(batch, blocks)     # scattered over the pool
+    lens, q = torch.full((batch,), context_len), torch.randn(batch, H, d, dtype=dtype)
+    plan = _step_plan(tables, lens, torch.ones_like(lens), bs, n_kv, step_kv=False)   # once a step, not a layer
+
+    def best_ms(kernel: bool) -> float:
+        times = []
+        for _ in range(6):                  # the first run pays for first touches: the best counts
+            t = time.perf_counter()
+            _attend_per_sequence(q, None, None, k_cache, v_cache, plan, kernel)
+            times.append(time.perf_counter() - t)
+        return 1e3 * min(times)
+    kernel_ms, sdpa_ms = best_ms(True), best_ms(False)
+    kv_mb = 2 * k_cache.numel() * k_cache.element_size() / 1e6
+    console.print(f"\none layer of decode, Qwen3-0.6B's heads, {batch} sequences x {context_len} tokens, "
+                  f"{str(dtype).removeprefix('torch.')}\n({kv_mb:.0f} MB of k/v), timed here: the kernel "
+                  f"{kernel_ms:.2f} ms ({kv_mb / kernel_ms:.0f} GB/s), gather + SDPA {sdpa_ms:.2f} ms")
+
+
 def main() -> None:
     from rich.console import Console
     from rich.table import Table
@@ -678,7 +900,7 @@ def main() -> None:
 
     # Attention through these block tables == dense attention, on random k/v in this layout.
     torch.manual_seed(0)
-    H, n_kv, d = 4, 2, 8
+    H, n_kv, d = 4, 2, 16
     k_cache = torch.full((bm.num_blocks, n_kv, bm.block_size, d), float("nan"))  # unwritten = NaN
     v_cache = torch.full_like(k_cache, float("nan"))
     first = torch.tensor(bm.slot_mapping(3, 0, 12))  # A computed these blocks before it left
@@ -705,16 +927,21 @@ def main() -> None:
         diffs.append((out[cu[i]:cu[i + 1]] - ref.transpose(0, 1)[start:]).abs().max())
     err = torch.stack(diffs).max().item()
     q_dec = torch.randn(len(spans), H, d)
-    dec = paged_decode_attention(q_dec, k_cache, v_cache, tables, ctx)
     dec_ref = decode_attention_reference(q_dec, k_cache, v_cache, tables, ctx)
-    dec_err = (dec - dec_ref).abs().max().item()
-    padded = paged_decode_attention(q_dec, k_cache, v_cache, tables, ctx, static_shapes=True)
-    padded_err = (padded - dec_ref).abs().max().item()
+    decodes = {"one SDPA per sequence": dict(kernel=False), "whole tables + a mask (CUDA graphs)": dict(static_shapes=True)}
+    has_kernel = decode_kernel_applies(q_dec, k_cache)     # builds it the first time (~25 s)
+    if has_kernel:
+        decodes = {"the kernel, blocks read in place": {}, **decodes}
+    dec_errs = {name: (paged_decode_attention(q_dec, k_cache, v_cache, tables, ctx, **how) - dec_ref).abs().max().item()
+                for name, how in decodes.items()}
     console.print("[bold]paged attention == dense attention[/], random q/k/v in the layout above")
     console.print("(every slot no sequence wrote holds NaN, so reading one would show):")
     console.print(f"  prefill, B+C+D packed, B and D after their cached prefix: max abs diff {err:.1e}")
-    console.print(f"  decode, one SDPA per sequence vs gather + softmax:       max abs diff {dec_err:.1e}")
-    console.print(f"  decode, whole tables + a mask (the CUDA-graph form):     max abs diff {padded_err:.1e}")
+    console.print("  decode, against gather + plain softmax:")
+    for name, e in dec_errs.items():
+        console.print(f"    {name:44s} max abs diff {e:.1e}")
+    if has_kernel:
+        show_decode_speed(console)
 
     M = importlib.import_module("02_model")
     real = M.PRESETS["demo"]
@@ -722,7 +949,7 @@ def main() -> None:
     console.print(f"\nQwen3-0.6B in bf16: a 16-token block holds {per_block / 2**20:.2f} MiB of k/v over "
                   f"{real.num_hidden_layers} layers; 1 GiB of cache is {2**30 // per_block} blocks "
                   f"= {2**30 // per_block * 16:,} tokens, shared by all requests.")
-    if not (err < 1e-5 and dec_err < 1e-5 and padded_err < 1e-5):  # NaN fails too
+    if not (err < 1e-5 and max(dec_errs.values()) < 1e-5):  # NaN fails too
         raise SystemExit("paged attention does not match dense attention")
 
 

@@ -242,7 +242,8 @@ def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
     result = {"dtype": str(dtype).removeprefix("torch."), "startup_s": round(startup, 1),
               "memory_read_gb_s": round(reads[0], 1),
               "matmul_gflop_s": round(matmul_gflops(dtype, device), 1),
-              "weight_bytes": weight_bytes(eng.model_config, dtype)}
+              "weight_bytes": weight_bytes(eng.model_config, dtype),
+              "decode_attention": "C++ paged kernel" if eng.decode_kernel else "gather + SDPA"}
     mc = eng.model_config
     prompt_len = len(wl["prefill"][0][0])
     prefill_roof = result["matmul_gflop_s"] * 1e9 / prefill_flops_per_token(mc, prompt_len)
@@ -352,7 +353,7 @@ def print_table(doc: dict) -> None:
             if name == "prefix":
                 notes = f"{w['prefix_cache_hit_tokens']} tokens from the cache; without it {w['no_prefix_cache_output_tok_s']} tok/s"
             if name == "mixed":
-                notes = f"{w['output_tokens']} tokens in {w['wall_s']} s"
+                notes = f"{w['output_tokens']} tokens in {w['wall_s']} s; decode attention: {r['decode_attention']}"
             table.add_row(r["dtype"], name, f"{tok_s:.1f}", str(w.get("roofline_tok_s", "")),
                           f"{100 * w['fraction_of_roofline']:.0f}%" if "fraction_of_roofline" in w else "",
                           f"{w['speedup_vs_hf']}x" if "speedup_vs_hf" in w else "", notes)

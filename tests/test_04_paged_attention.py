@@ -3,6 +3,7 @@ random fuzz, its unit behaviours (LRU, prefix hits, truncate, failures), and the
 PagedContext against the plain model and naive_generate."""
 import copy
 import math
+import shutil
 from collections import Counter
 from types import SimpleNamespace
 
@@ -60,6 +61,18 @@ def dense_reference(q, k, v):
 GQA = [(2, 2), (4, 2), (8, 1)]  # (H, n_kv): ratios 1, 2, 8
 
 
+@pytest.fixture(params=["kernel", "sdpa"])
+def decode_path(request, monkeypatch):
+    """Decode rows both ways: the CPU kernel reading blocks in place, and gather + SDPA."""
+    if request.param == "kernel":
+        if shutil.which("c++") is None:
+            pytest.skip("no C++ compiler to build the kernel")
+        assert P.cpu_decode_kernel() is not None, "a compiler is here, so the kernel must build"
+    else:
+        monkeypatch.setattr(P, "DECODE_KERNEL_ON", ())
+    return request.param
+
+
 @pytest.mark.parametrize("H,n_kv", GQA)
 @pytest.mark.parametrize("block_size", [16, 4])
 @pytest.mark.parametrize("pad", [-1, "nan-block"])
@@ -93,7 +106,7 @@ def test_prefill_with_cached_prefix(H, n_kv, whole_step, monkeypatch):
 @pytest.mark.parametrize("block_size", [16, 4])
 @pytest.mark.parametrize("pad", [-1, "nan-block"])
 @pytest.mark.parametrize("static_shapes", [False, True])
-def test_decode_equals_reference_and_dense(H, n_kv, block_size, pad, static_shapes):
+def test_decode_equals_reference_and_dense(H, n_kv, block_size, pad, static_shapes, decode_path):
     """static_shapes: every table entry is kept (what CUDA graphs replay), padding fully masked."""
     lens = [1, 15, 16, 17, 33, 64]
     seqs, kc, vc, bt, ctx = paged_layout(lens, [1] * len(lens), H, n_kv, 32, block_size, seed=2, pad=pad)
@@ -120,7 +133,7 @@ def test_int32_metadata_gives_the_same_result():
 
 
 @pytest.mark.parametrize("static_shapes", [False, True])
-def test_decode_online_softmax_is_stable_for_large_scores(static_shapes):
+def test_decode_online_softmax_is_stable_for_large_scores(static_shapes, decode_path):
     """Scores in the thousands: a plain exp would overflow; the running max keeps it finite."""
     seqs, kc, vc, bt, ctx = paged_layout([40, 7], [1, 1], 4, 2, 16, 4, seed=3)
     q = 300 * torch.stack([s[0][-1] for s in seqs])
@@ -129,7 +142,7 @@ def test_decode_online_softmax_is_stable_for_large_scores(static_shapes):
     torch.testing.assert_close(out, P.decode_attention_reference(q, kc, vc, bt, ctx), atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_prefill_and_decode():
+def test_bf16_prefill_and_decode(decode_path):
     lens = [5, 16, 33]
     seqs, kc, vc, bt, ctx = paged_layout(lens, lens, 4, 2, 32, 16, dtype=torch.bfloat16, seed=4)
     q = torch.cat([s[0] for s in seqs])
@@ -144,6 +157,44 @@ def test_bf16_prefill_and_decode():
                                atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(dec.float(), torch.stack([dense_reference(*s[:3])[-1] for s in seqs]),
                                atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("H,n_kv,d", [(16, 8, 128), (32, 8, 128), (8, 8, 64), (8, 1, 16)])
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+def test_kernel_equals_reference(dtype, tol, H, n_kv, d, block_size):
+    """The kernel on the shapes it was written for (Qwen3's heads among them), at context lengths on
+    and around block boundaries, in a NaN-filled pool: any read outside the tables shows."""
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler to build the kernel")
+    lens = [1, block_size, block_size + 1, 3 * block_size - 1, 130]
+    seqs, kc, vc, bt, ctx = paged_layout(lens, [1] * len(lens), H, n_kv, d, block_size, dtype=dtype, seed=6)
+    q = 4 * torch.stack([s[0][-1] for s in seqs])                              # (B, H, d), peaked scores
+    out = P.paged_decode_kernel(q, kc, vc, bt, ctx)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), P.decode_attention_reference(q, kc, vc, bt, ctx).float(), atol=tol, rtol=tol)
+
+
+def test_kernel_checks_every_index_before_reading():
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler to build the kernel")
+    seqs, kc, vc, bt, ctx = paged_layout([5, 20], [1, 1], 4, 2, 16, 16)
+    q = torch.stack([s[0][-1] for s in seqs])
+    for tables, lens, what in ((bt.clone().fill_(kc.shape[0]), ctx, "block id"), (bt, ctx + 100, "context_len"),
+                               (bt, ctx * 0, "context_len")):
+        with pytest.raises(RuntimeError, match=what):
+            P.paged_decode_kernel(q, kc, vc, tables, lens)
+
+
+def test_kernel_that_cannot_be_built_falls_back_with_a_warning(monkeypatch):
+    """No compiler or no ninja: a warning, and decode rows take the gather + SDPA path."""
+    import torch.utils.cpp_extension as ext
+
+    def no_ninja(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+    monkeypatch.setattr(ext, "load_inline", no_ninja)
+    with pytest.warns(UserWarning, match="Ninja is required"):
+        assert P.cpu_decode_kernel.__wrapped__() is None
 
 
 def test_store_kvcache_writes_exactly_the_slots():
@@ -599,10 +650,11 @@ def test_model_through_paged_context_equals_plain_model(tiny_model):
     [(1, 0, 12), (3, 2, 7)],
     [(0, 0, 1), (2, 5, 6)],                              # a one-token prompt and a decode
 ])
-def test_step_attention_equals_reading_everything_from_the_cache(spans):
+def test_step_attention_equals_reading_everything_from_the_cache(spans, decode_path, monkeypatch):
     """A step mixing prefill chunks and one-token decodes: a chunk with nothing cached before it
-    attends to the step's own k/v (no gather), every other sequence reads its blocks. Either way
-    the result equals reading every sequence from the cache."""
+    attends to the step's own k/v (no gather), every other sequence reads its blocks (decode rows
+    through the kernel or SDPA). Either way the result equals reading every sequence from the
+    cache with SDPA."""
     torch.manual_seed(0)
     cfg = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=2, head_dim=16)
     bm = P.BlockManager(16, 4, enable_prefix_caching=False)
@@ -615,6 +667,7 @@ def test_step_attention_equals_reading_everything_from_the_cache(spans):
     q, k, v = torch.randn(n, 4, 16), torch.randn(n, 2, 16), torch.randn(n, 2, 16)
     out = ctx.attend(0, q, k, v)                                          # stores k/v, then attends
     assert [seq.own for seq in ctx.metadata.seqs] == [start == 0 for _, start, _ in spans]
+    monkeypatch.setattr(P, "DECODE_KERNEL_ON", ())
     ref = P.paged_prefill_attention(q, kv[0, 0], kv[0, 1], torch.tensor([0] + [e - s for _, s, e in spans]).cumsum(0),
                                     ctx.context_lens, ctx.block_tables)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

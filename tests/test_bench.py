@@ -1,5 +1,6 @@
 """bench.py: the JSON contract scripts read, the roofline inputs, and bad input."""
 import json
+import shutil
 
 import torch
 
@@ -15,6 +16,7 @@ def test_tiny_run_reports_rooflines_and_cache_identity(capsys):
     assert doc["machine"]["threads"] == torch.get_num_threads() and doc["device"] == "cpu"
     (r,) = doc["results"]
     assert r["dtype"] == "float32" and r["memory_read_gb_s"] > 0 and r["matmul_gflop_s"] > 0
+    assert r["decode_attention"] == ("C++ paged kernel" if shutil.which("c++") else "gather + SDPA")
     assert len(r["memory_read_gb_s_samples"]) == 2 and r["memory_read_gb_s"] == max(r["memory_read_gb_s_samples"])
     for name in ("decode", "prefill"):
         w = r[name]

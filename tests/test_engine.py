@@ -56,12 +56,22 @@ def reference(folders):
 ], ids=["batched", "preemption", "chunked", "no-prefix-cache", "serial"])
 def test_engine_equals_naive_generate(folders, reference, name, setting):
     eng = engine(folders[name], **setting)
+    assert eng.decode_kernel == (shutil.which("c++") is not None)     # decode rows in 04's C++ kernel
     outs = eng.generate(prompts(), GREEDY)
     assert [o.token_ids for o in outs] == reference[name]
     assert all(o.finish_reason == "length" for o in outs)
     if "num_kv_blocks" in setting:
         assert eng.stats_summary()["preemptions"] > 0
     assert eng.block_manager.num_free_blocks == eng.num_kv_blocks       # everything given back
+
+
+@pytest.mark.parametrize("name", ["tiny", "hf-saved"])
+def test_engine_without_the_decode_kernel_equals_naive_generate(folders, reference, name, monkeypatch):
+    """Where the kernel cannot be built, decode rows gather and run SDPA: the same tokens."""
+    monkeypatch.setattr(load("04_paged_attention"), "DECODE_KERNEL_ON", ())
+    eng = engine(folders[name], max_num_batched_tokens=7)
+    assert not eng.decode_kernel
+    assert [o.token_ids for o in eng.generate(prompts(), GREEDY)] == reference[name]
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="inductor compiles C++: needs a compiler")
