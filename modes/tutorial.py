@@ -1147,8 +1147,10 @@ equal prefixes have equal hashes. A new request looks its full blocks up before 
 a hit is shared by reference count and its tokens are skipped. When the last user finishes, a
 cached block keeps its contents and becomes evictable: reused for new data only when the free list
 is empty, least recently used first. Attention then reads K/V through the block table
-(04_paged_attention.py: decode gathers the blocks and runs one attention per sequence; under CUDA
-graphs, whose shapes are fixed, it gathers whole padded tables and masks the slots past the end)."""
+(04_paged_attention.py: on a CPU, decode runs one small C++ kernel that follows each table and
+reads the blocks where they lie; otherwise it gathers the blocks and runs one attention per
+sequence; under CUDA graphs, whose shapes are fixed, it gathers whole padded tables and masks the
+slots past the end)."""
 
 
 def diagram_paged(L: Lesson) -> str:
