@@ -57,6 +57,7 @@ import contextlib
 import functools
 import importlib
 import math
+import os
 import sys
 import warnings
 from collections import OrderedDict, deque
@@ -623,14 +624,21 @@ def cpu_decode_kernel():
     build takes ~25 s; torch keeps the library on disk (~/.cache/torch_extensions) for the next
     process. Named after the CPU's vector ISA, so a home directory shared by machines of another
     kind never loads code built for instructions they lack."""
-    from torch.utils.cpp_extension import load_inline
+    from torch.utils import cpp_extension
     isa = torch.backends.cpu.get_cpu_capability()           # "AVX512", "AVX2", "DEFAULT", ...
+    name = f"nano_vllm_paged_decode_{isa.lower()}"
     flags = ["-O3", "-march=native", "-fopenmp"]             # OpenMP: torch's own thread pool runs the work
     if isa in ("AVX512", "AVX2"):
         flags.append(f"-DCPU_CAPABILITY_{isa}")               # at::vec's SIMD implementation for it
+    try:   # where torch keeps the build (a private helper of torch's: without it, no notice)
+        built = os.path.exists(os.path.join(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so"))
+    except (AttributeError, OSError, RuntimeError):
+        built = True
+    if not built:                                            # say why startup pauses, once per machine
+        print(f"compiling 04's C++ decode-attention kernel for this CPU ({isa}; once, ~25 s)", file=sys.stderr)
     try:
-        return load_inline(f"nano_vllm_paged_decode_{isa.lower()}", DECODE_KERNEL_SOURCE, functions=["paged_decode"],
-                           extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        return cpp_extension.load_inline(name, DECODE_KERNEL_SOURCE, functions=["paged_decode"],
+                                         extra_cflags=flags, extra_ldflags=["-fopenmp"])
     except (OSError, RuntimeError) as e:                     # no compiler, no ninja, a failed build
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"the CPU paged-attention kernel could not be built ({first_line}); "
