@@ -383,12 +383,15 @@ def _step_plan(block_tables, context_lens, q_lens, block_size: int, n_kv: int, s
         seqs.append(SimpleNamespace(q=(q_start, q_start + m), own=own, rows=(row, row + n_kv * used),
                                     context_len=n, causal=m == n and m > 1, mask=mask, kernel_row=kernel_row))
         q_start, row = q_start + m, row + n_kv * used
-    # The decode rows as one batch for `paged_decode_kernel`: their q rows, tables and lengths.
-    which = torch.tensor([b for b, _ in decode_rows], dtype=torch.long, device=device)
-    decode = SimpleNamespace(count=len(decode_rows), every_row=len(decode_rows) == q_start,
-                             q_rows=torch.tensor([r for _, r in decode_rows], dtype=torch.long, device=device),
-                             block_tables=block_tables.long()[which].contiguous(),
-                             context_lens=context_lens.long()[which].contiguous())
+    # The decode rows as one batch for `paged_decode_kernel` (only where it may run): their q
+    # rows, tables and lengths.
+    decode = None
+    if decode_rows and device.type in DECODE_KERNEL_ON:
+        which = torch.tensor([b for b, _ in decode_rows], dtype=torch.long, device=device)
+        decode = SimpleNamespace(every_row=len(decode_rows) == q_start,
+                                 q_rows=torch.tensor([r for _, r in decode_rows], dtype=torch.long, device=device),
+                                 block_tables=block_tables.long()[which].contiguous(),
+                                 context_lens=context_lens.long()[which].contiguous())
     return SimpleNamespace(index=index, seqs=seqs, decode=decode)
 
 
@@ -421,7 +424,7 @@ def _attend_each(q, k, v, k_cache, v_cache, plan, kernel):
     heads_first = lambda x: x.transpose(0, 1)[None]          # noqa: E731   (n, h, d) -> (1, h, n, d)
     gather = lambda cache, index: cache.view(-1, bs * d).index_select(0, index)   # noqa: E731   (rows, bs * d)
     decoded = None
-    if kernel and plan.decode.count and decode_kernel_applies(q, k_cache):
+    if kernel and plan.decode is not None and decode_kernel_applies(q, k_cache):
         # Every decode row in one call of the kernel, which reads their blocks in place.
         dec = plan.decode
         if dec.every_row:                        # a pure decode step: the whole answer
@@ -598,13 +601,13 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at
   TORCH_CHECK(k_cache.size(3) == d && d % W == 0 && d <= MAX_D && bs <= MAX_BLOCK && H % n_kv == 0 &&
               (H / n_kv == 1 || H / n_kv == 2 || H / n_kv == 4 || H / n_kv == 8), "paged_decode: unsupported shapes");
   TORCH_CHECK(block_tables.size(0) == B && context_lens.size(0) == B, "paged_decode: one table and length per row");
-  const int64_t* tables = block_tables.const_data_ptr<int64_t>();
+  const int64_t *tables = block_tables.const_data_ptr<int64_t>(), *lens = context_lens.const_data_ptr<int64_t>();
+  const int64_t width = block_tables.size(1), num_blocks = k_cache.size(0);
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = context_lens.const_data_ptr<int64_t>()[b], used = (n + bs - 1) / bs;
-    TORCH_CHECK(n >= 1 && used <= block_tables.size(1), "paged_decode: context_len out of range");
-    for (int64_t j = 0; j < used; ++j)
-      TORCH_CHECK(tables[b * block_tables.size(1) + j] >= 0 && tables[b * block_tables.size(1) + j] < k_cache.size(0),
-                  "paged_decode: block id out of range");
+    const int64_t used = (lens[b] + bs - 1) / bs;
+    TORCH_CHECK(lens[b] >= 1 && used <= width, "paged_decode: context_len out of range");
+    for (const int64_t* id = tables + b * width; id < tables + b * width + used; ++id)
+      TORCH_CHECK(*id >= 0 && *id < num_blocks, "paged_decode: block id out of range");
   }
   at::Tensor out = at::empty_like(q);
   if (q.scalar_type() == at::kFloat) attend_all<float>(q, k_cache, v_cache, block_tables, context_lens, out);

@@ -59,6 +59,7 @@ def dense_reference(q, k, v):
 
 
 GQA = [(2, 2), (4, 2), (8, 1)]  # (H, n_kv): ratios 1, 2, 8
+NEEDS_COMPILER = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
 
 
 @pytest.fixture(params=["kernel", "sdpa"])
@@ -162,11 +163,10 @@ def test_bf16_prefill_and_decode(decode_path):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("H,n_kv,d", [(16, 8, 128), (32, 8, 128), (8, 8, 64), (8, 1, 16)])
 @pytest.mark.parametrize("block_size", [1, 16, 64])
+@NEEDS_COMPILER
 def test_kernel_equals_reference(dtype, tol, H, n_kv, d, block_size):
     """The kernel on the shapes it was written for (Qwen3's heads among them), at context lengths on
     and around block boundaries, in a NaN-filled pool: any read outside the tables shows."""
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler to build the kernel")
     lens = [1, block_size, block_size + 1, 3 * block_size - 1, 130]
     seqs, kc, vc, bt, ctx = paged_layout(lens, [1] * len(lens), H, n_kv, d, block_size, dtype=dtype, seed=6)
     q = 4 * torch.stack([s[0][-1] for s in seqs])                              # (B, H, d), peaked scores
@@ -175,9 +175,8 @@ def test_kernel_equals_reference(dtype, tol, H, n_kv, d, block_size):
     torch.testing.assert_close(out.float(), P.decode_attention_reference(q, kc, vc, bt, ctx).float(), atol=tol, rtol=tol)
 
 
+@NEEDS_COMPILER
 def test_kernel_checks_every_index_before_reading():
-    if shutil.which("c++") is None:
-        pytest.skip("no C++ compiler to build the kernel")
     seqs, kc, vc, bt, ctx = paged_layout([5, 20], [1, 1], 4, 2, 16, 16)
     q = torch.stack([s[0][-1] for s in seqs])
     for tables, lens, what in ((bt.clone().fill_(kc.shape[0]), ctx, "block id"), (bt, ctx + 100, "context_len"),
