@@ -620,16 +620,16 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at
 DECODE_KERNEL_ON = ("cpu",)
 
 
-@functools.cache
-def cpu_decode_kernel():
-    """The kernel above, compiled for this CPU, or None where it cannot be built (no C++ compiler
-    or ninja): then decode rows take the gather + SDPA path, same numbers, slower. The first
-    build takes ~25 s; torch keeps the library on disk (~/.cache/torch_extensions) for the next
-    process. Named after the CPU's vector ISA, so a home directory shared by machines of another
-    kind never loads code built for instructions they lack."""
+def build_cpu_kernel(name: str, source: str, function: str, what: str):
+    """Compile C++ `source` (against ATen) for this CPU and return the Python module exposing
+    `function`, or None where it cannot be built (no C++ compiler or ninja), after one warning
+    naming `what` falls back to torch. The first build takes ~25 s, with a notice on stderr; torch
+    keeps the library on disk (~/.cache/torch_extensions) for the next process. The library is
+    named after the CPU's vector ISA, so a home directory shared by machines of another kind never
+    loads code built for instructions they lack. engine.py builds its GEMV kernel with it too."""
     from torch.utils import cpp_extension
     isa = torch.backends.cpu.get_cpu_capability()           # "AVX512", "AVX2", "DEFAULT", ...
-    name = f"nano_vllm_paged_decode_{isa.lower()}"
+    name = f"{name}_{isa.lower()}"
     flags = ["-O3", "-march=native", "-fopenmp"]             # OpenMP: torch's own thread pool runs the work
     if isa in ("AVX512", "AVX2"):
         flags.append(f"-DCPU_CAPABILITY_{isa}")               # at::vec's SIMD implementation for it
@@ -638,15 +638,22 @@ def cpu_decode_kernel():
     except (AttributeError, OSError, RuntimeError):
         built = True
     if not built:                                            # say why startup pauses, once per machine
-        print(f"compiling 04's C++ decode-attention kernel for this CPU ({isa}; once, ~25 s)", file=sys.stderr)
+        print(f"compiling {what} for this CPU ({isa}; once, ~25 s)", file=sys.stderr)
     try:
-        return cpp_extension.load_inline(name, DECODE_KERNEL_SOURCE, functions=["paged_decode"],
+        return cpp_extension.load_inline(name, source, functions=[function],
                                          extra_cflags=flags, extra_ldflags=["-fopenmp"])
     except (OSError, RuntimeError) as e:                     # no compiler, no ninja, a failed build
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warnings.warn(f"the CPU paged-attention kernel could not be built ({first_line}); "
-                      "decode attention gathers and runs SDPA per sequence instead", stacklevel=2)
+        warnings.warn(f"{what} could not be built ({first_line}); torch's ops run instead", stacklevel=3)
         return None
+
+
+@functools.cache
+def cpu_decode_kernel():
+    """The kernel above, compiled for this CPU (see build_cpu_kernel), or None where it cannot be
+    built: then decode rows take the gather + SDPA path, same numbers, slower."""
+    return build_cpu_kernel("nano_vllm_paged_decode", DECODE_KERNEL_SOURCE, "paged_decode",
+                            "04's C++ decode-attention kernel")
 
 
 def decode_kernel_applies(q, k_cache) -> bool:

@@ -48,6 +48,8 @@ of shapes are compiled once and replayed; longer steps (prefill) run eager.
 from __future__ import annotations
 
 import importlib
+import ctypes
+import functools
 import itertools
 import math
 import mmap
@@ -208,7 +210,6 @@ def keep_freed_memory_mapped() -> bool:
     heap and the next step's tensors of the same sizes reuse pages already mapped (what jemalloc
     or tcmalloc, the usual advice for PyTorch on CPU, also achieve). The cost: the process keeps its
     peak memory. Linux/glibc only; returns False where it could not be applied."""
-    import ctypes
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4        # mallopt parameters, from glibc's <malloc.h>
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -241,18 +242,26 @@ def huge_page_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
         buf.madvise(mmap.MADV_HUGEPAGE)
     except OSError:                               # a kernel built without THP: ordinary pages
         pass
-    raw = torch.frombuffer(buf, dtype=torch.uint8)
-    start = -raw.data_ptr() % HUGE_PAGE
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % HUGE_PAGE
+    # the tensor's storage begins at the 2 MiB boundary (torch.compile's freezing misreads a
+    # constant that starts inside its storage); the ctypes array keeps the mapping alive
+    raw = torch.frombuffer((ctypes.c_uint8 * nbytes).from_buffer(buf, start), dtype=torch.uint8)
     # zero_ touches every page now, at startup, rather than page-faulting in the middle of steps
-    return raw[start:start + nbytes].view(dtype).view(shape).zero_()
+    return raw.view(dtype).view(shape).zero_()
 
 
-def move_to_huge_pages(model: torch.nn.Module) -> int:
+def move_to_huge_pages(model: torch.nn.Module, shared: bool = True) -> int:
     """Copy every parameter into one huge-page buffer (see huge_page_zeros); tied parameters stay
     tied (the Parameter objects are kept, only their storage moves). Weights already repacked into
-    oneDNN's opaque layout (PackedLinear) are not parameters and stay where they are. Returns the
-    bytes moved."""
-    params = [p for p in model.parameters() if p.layout == torch.strided]
+    oneDNN's opaque layout (PackedLinear) are not parameters and stay where they are. shared=False:
+    each matrix of 2 MiB or more in a buffer of its own, the rest where it is (what torch.compile's
+    freezing needs: it takes parameters that share one storage for one constant and computes
+    garbage). Returns the bytes moved."""
+    params = [p for p in model.parameters() if p.layout == torch.strided and (shared or p.nbytes >= HUGE_PAGE)]
+    if not shared:
+        for p in params:
+            p.data = huge_page_zeros(p.shape, p.dtype).copy_(p.data)
+        return sum(p.nbytes for p in params)
     sizes = [-(-p.nbytes // 64) * 64 for p in params]          # each one 64-byte (cache-line) aligned
     buffer = huge_page_zeros((sum(sizes),), torch.uint8)
     offset = 0
@@ -372,6 +381,111 @@ class SmallBatchLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight)
 
 
+GEMV_SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <vector>
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t W = Vec::size();          // floats in one SIMD register: 16 with AVX-512, 8 with AVX2
+constexpr int U = 8;                        // sums in flight per row: 8 FMAs hide each other's latency
+
+static inline Vec load(const float* p) { return Vec::loadu(p); }
+static inline Vec load(const at::BFloat16* p) { Vec v; at::vec::load_to_float(p, v); return v; }
+
+// x . w over K: x fp32 (a few KiB, in cache), w one weight row, read once from front to back.
+template <typename T>
+static inline float dot(const float* x, const T* w, int64_t K) {
+  Vec acc[U];
+  for (int u = 0; u < U; ++u) acc[u] = Vec(0.f);
+  int64_t i = 0;
+  for (; i + U * W <= K; i += U * W)
+    for (int u = 0; u < U; ++u) acc[u] = at::vec::fmadd(load(w + i + u * W), Vec::loadu(x + i + u * W), acc[u]);
+  for (; i + W <= K; i += W) acc[0] = at::vec::fmadd(load(w + i), Vec::loadu(x + i), acc[0]);
+  for (int u = 1; u < U; ++u) acc[0] = acc[0] + acc[u];
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[0]);
+  for (; i < K; ++i) sum += x[i] * float(w[i]);
+  return sum;
+}
+
+// Each thread takes a contiguous range of the weight's rows: one stream through memory, which the
+// hardware prefetcher follows (rows taken 4 or 8 at a time, or prefetched by hand, read slower).
+// The M rows of x reuse each weight row while it is in L1.
+template <typename T>
+static void gemv_rows(const float* x, int64_t M, const T* w, int64_t N, int64_t K, T* out) {
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m = 0; m < M; ++m) out[m * N + n] = T(dot(x + m * K, w + n * K, K));
+  });
+}
+
+// x (M, K) @ weight (N, K)^T -> (M, N), fp32 or bf16 (bf16: products summed in fp32, one rounding).
+at::Tensor gemv(at::Tensor x, at::Tensor weight) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "gemv: x (M, K), weight (N, K)");
+  TORCH_CHECK(weight.is_contiguous() && x.scalar_type() == weight.scalar_type() &&
+              (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), "gemv: fp32 or bf16, contiguous weight");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  x = x.contiguous();
+  at::Tensor out = at::empty({M, N}, weight.options());
+  if (x.scalar_type() == at::kFloat) {
+    gemv_rows(x.const_data_ptr<float>(), M, weight.const_data_ptr<float>(), N, K, out.data_ptr<float>());
+  } else {                                    // x to fp32 here, not as a tensor op: 197 calls a step
+    std::vector<float> xf(x.const_data_ptr<at::BFloat16>(), x.const_data_ptr<at::BFloat16>() + M * K);
+    gemv_rows(xf.data(), M, weight.const_data_ptr<at::BFloat16>(), N, K, out.data_ptr<at::BFloat16>());
+  }
+  return out;
+}
+
+// The same function as an op of torch's dispatcher, for compiled code: inductor's C++ wrapper
+// calls it directly, no Python in between (its output shape is told to the compiler in Python).
+TORCH_LIBRARY(nano_vllm_cpu, m) { m.def("gemv(Tensor x, Tensor weight) -> Tensor"); }
+TORCH_LIBRARY_IMPL(nano_vllm_cpu, CPU, m) { m.impl("gemv", &gemv); }
+"""
+
+
+# Up to how many rows the GEMV kernel beats the GEMM libraries, measured on a 2-core AMD EPYC over
+# Qwen3-0.6B's layer weights (GB/s of weights read, rows 1/2/3/4/6): fp32 33/32/29/26/13 against
+# oneDNN's 27/22/21/19/16; bf16 41/28/18/16 against 26/23/20/32 (each row re-converts the weight).
+GEMV_MAX_ROWS = {torch.float32: 4, torch.bfloat16: 2}
+
+
+@functools.cache
+def cpu_gemv_kernel():
+    """GEMV_SOURCE compiled for this CPU with 04's builder, or None (no compiler: torch's kernels).
+    Loading it also defines the op torch.ops.nano_vllm_cpu.gemv; torch.compile learns its output's
+    shape here."""
+    kernel = paged.build_cpu_kernel("nano_vllm_gemv", GEMV_SOURCE, "gemv", "engine.py's C++ GEMV kernel")
+    if kernel is not None:
+        torch.library.register_fake("nano_vllm_cpu::gemv", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
+    return kernel
+
+
+class GEMVLinear(torch.nn.Module):
+    """An nn.Linear whose small batches (decode) run the GEMV kernel above, and larger ones
+    (prefill) `batched`, the measured-fastest GEMM of its dtype (PackedLinear, SmallBatchLinear;
+    None: F.linear).
+
+    Why a kernel of our own: a batch-1 decode step is a matrix-vector product per weight, all
+    memory reads, so tok/s is set by how fast the weights stream in. Measured on a 2-core AMD
+    EPYC (Zen 4) over Qwen3-0.6B's 28 layers' weights on 2 MiB pages, against a `sum` of the same
+    machine: this kernel reads 96% of it in fp32 and 93% in bf16, where oneDNN's packed kernel
+    reads ~80% / ~70% and MKL ~50%. The weight is the plain Parameter (a tied lm_head stays
+    tied); with a packed `batched` the module holds both copies."""
+
+    def __init__(self, linear: torch.nn.Module, weight: torch.nn.Parameter, max_rows: int):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight, self.batched, self.max_rows = weight, linear, max_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= self.max_rows:
+            if torch.compiler.is_compiling():          # one opaque op in the graph
+                return torch.ops.nano_vllm_cpu.gemv(x, self.weight)
+            return cpu_gemv_kernel().gemv(x, self.weight)                    # (M, out)
+        return self.batched(x)
+
+
 def cpu_vendor() -> str:
     """The CPU's vendor string from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"; "" elsewhere)."""
     try:
@@ -384,28 +498,36 @@ def cpu_vendor() -> str:
     return ""
 
 
-def use_cpu_linear_kernels(model: torch.nn.Module, dtype: torch.dtype) -> str | None:
-    """Swap every nn.Linear for the faster CPU variant of its dtype: PackedLinear for bf16 on a CPU
-    with bf16 units; for fp32, SmallBatchLinear on Intel and PackedLinear on AMD. fp32 nn.Linear
-    runs on MKL, Intel's library, which on AMD takes a slower generic path: measured on a 2-core
-    EPYC (Zen 4) over Qwen3-0.6B's layer weights, MKL reads 17.6 GB/s at 1 row and 10-15 at 4
-    (W @ x^T included), where oneDNN's packed kernel reads 26.5 and 19.4 (the machine's `sum`: 34),
-    and at 512 rows computes 213 GFLOP/s against MKL's 168. On the Xeon, MKL's batch-1 GEMV already
-    reads at the bandwidth. Returns the class name used (None: nothing swapped)."""
+def use_cpu_linear_kernels(model: torch.nn.Module, dtype: torch.dtype, batched: bool = True) -> str | None:
+    """Swap every nn.Linear for the faster CPU kernels of its dtype: GEMVLinear for decode-sized
+    batches (up to GEMV_MAX_ROWS rows; where the C++ kernel builds), and for more rows PackedLinear
+    for bf16 on a CPU with bf16 units; for fp32, SmallBatchLinear on Intel and PackedLinear on AMD.
+    fp32 nn.Linear runs on MKL, Intel's library, which on AMD takes a slower generic path: measured
+    on a 2-core EPYC (Zen 4) over Qwen3-0.6B's layer weights, MKL reads 17.6 GB/s at 1 row and
+    10-15 at 4 (W @ x^T included), where oneDNN's packed kernel reads 26.5 and 19.4 (the machine's
+    `sum`: 34), and at 512 rows computes 213 GFLOP/s against MKL's 168. Returns the kernels used,
+    as "GEMVLinear + PackedLinear" (None: nothing swapped). batched=False (under torch.compile):
+    only GEMVLinear, larger batches stay nn.Linear, whose GEMMs inductor picks itself."""
     onednn = torch.backends.mkldnn.is_available()
-    if onednn and dtype == torch.bfloat16 and qwen3.cpu_has_bf16():
+    if not batched:
+        kind = None
+    elif onednn and dtype == torch.bfloat16 and qwen3.cpu_has_bf16():
         kind = PackedLinear
     elif onednn and dtype == torch.float32 and cpu_vendor() == "AuthenticAMD":
         kind = PackedLinear
     elif dtype == torch.float32:
         kind = SmallBatchLinear
     else:
+        kind = None
+    gemv_rows = GEMV_MAX_ROWS.get(dtype, 0) if cpu_gemv_kernel() is not None else 0
+    if kind is None and not gemv_rows:
         return None
     swaps = [(parent, name, child) for parent in model.modules()
              for name, child in parent.named_children() if isinstance(child, torch.nn.Linear)]
     for parent, name, child in swaps:
-        setattr(parent, name, kind(child))
-    return kind.__name__
+        batched = kind(child) if kind else child
+        setattr(parent, name, GEMVLinear(batched, child.weight, gemv_rows) if gemv_rows else batched)
+    return " + ".join(k.__name__ for k in (GEMVLinear if gemv_rows else None, kind) if k)
 
 
 class ModelRunner:
@@ -514,11 +636,12 @@ class LLMEngine:
             keep_freed_memory_mapped()
         self.model = qwen3.load_model(folder, self.dtype, self.device)
         self.linear_kernels = None
-        # Not under compile: inductor's freezing picks its own kernels and copies the weights into
-        # constants of its own (and misreads parameters that are views into one shared buffer).
-        if self.device.type == "cpu" and not config.compile:
-            self.linear_kernels = use_cpu_linear_kernels(self.model, self.dtype)
-            move_to_huge_pages(self.model)
+        # Under compile only the GEMV kernel (an op inductor calls as it is): for larger batches
+        # inductor's freezing picks its own GEMMs, and it takes parameters that share one storage
+        # for one constant, so each weight gets huge pages of its own.
+        if self.device.type == "cpu":
+            self.linear_kernels = use_cpu_linear_kernels(self.model, self.dtype, batched=not config.compile)
+            move_to_huge_pages(self.model, shared=not config.compile)
         self.model_config = mc = self.model.config
         self.tokenizer = tokenizer or tokenize.load_tokenizer(folder)
         self.max_model_len = min(config.max_model_len or 4096, mc.max_position_embeddings)

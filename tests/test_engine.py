@@ -75,17 +75,22 @@ def test_engine_without_the_decode_kernel_equals_naive_generate(folders, referen
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="inductor compiles C++: needs a compiler")
-@pytest.mark.parametrize("name", ["tiny", "hf-saved"])
-def test_compiled_engine_equals_naive_generate(folders, reference, name):
+@pytest.mark.parametrize("name, n, max_num_seqs", [("tiny", 3, 4), ("hf-saved", 3, 4), ("tiny", 6, 8)])
+def test_compiled_engine_equals_naive_generate(folders, reference, name, n, max_num_seqs):
     """--compile (inductor, weights frozen into the graph, the paged attention an opaque op, decode
     steps of 3 padded to a bucket of 4): a real compile. Guards the compiled path itself, e.g.
     against weights that freezing would read wrongly or padding rows that leak; and, the second
     checkpoint compiled in the same process with the same shapes, that an engine never runs another
-    engine's graph (the compiled model skips its guards on modules: only its own cache may hold it)."""
-    eng = engine(folders[name], compile=True, max_num_batched_tokens=64, max_num_seqs=4)
-    outs = eng.generate(prompts()[:3], GREEDY)
-    assert [o.token_ids for o in outs] == reference[name][:3]
+    engine's graph (the compiled model skips its guards on modules: only its own cache may hold it).
+    Buckets of up to 4 rows run the GEMV kernel as an op in the graph; the bucket of 8, inductor's
+    GEMM on frozen weights (each on huge pages of its own: the tiny embedding, the tied lm_head,
+    is one, and a shared buffer or an offset into one made freezing read the wrong numbers)."""
+    eng = engine(folders[name], compile=True, max_num_batched_tokens=64, max_num_seqs=max_num_seqs)
+    outs = eng.generate(prompts()[:n], GREEDY)
+    assert [o.token_ids for o in outs] == reference[name][:n]
     assert eng.runner.step_attention.ctx is not None             # the compiled graph did run
+    if E.cpu_gemv_kernel() is not None:
+        assert eng.linear_kernels == "GEMVLinear" and isinstance(eng.model.lm_head.batched, torch.nn.Linear)
 
 
 ON_EACH_DEVICE = pytest.mark.parametrize("device", [
@@ -220,6 +225,79 @@ def test_packed_linear_matches_nn_linear(dtype, tol):
         torch.testing.assert_close(E.PackedLinear(lin)(x).float(), lin(x).float(), atol=tol, rtol=tol)
 
 
+NEEDS_COMPILER = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [64, 100, 128, 1024 + 16 + 3])     # SIMD blocks of 8 registers, single registers, a scalar tail
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_gemv_kernel_matches_the_fp32_product(dtype, K, rows):
+    """x @ W^T summed in fp32 whatever the dtype, rounded once to it: fp32 to ~1e-6, bf16 to
+    within one rounding of the exact product's."""
+    assert E.cpu_gemv_kernel() is not None, "a compiler is here, so the kernel must build"
+    torch.manual_seed(K + rows)
+    x, w = torch.randn(2 * rows, K, dtype=dtype)[::2], torch.randn(300, K, dtype=dtype)   # x not contiguous
+    exact = x.double() @ w.double().T                                                      # (rows, 300)
+    for out in (E.cpu_gemv_kernel().gemv(x, w), torch.ops.nano_vllm_cpu.gemv(x, w)):
+        assert out.shape == (rows, 300) and out.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(out.double(), exact, atol=1e-4, rtol=1e-5)
+        else:
+            ulp = exact.abs().to(dtype).double() * 2 ** -7                                 # one bf16 step there
+            assert ((out.double() - exact).abs() <= ulp + 1e-3).all()
+
+
+@NEEDS_COMPILER
+def test_gemv_kernel_rejects_what_it_was_not_written_for():
+    kernel = E.cpu_gemv_kernel()
+    with pytest.raises(RuntimeError, match="gemv"):
+        kernel.gemv(torch.randn(1, 64), torch.randn(8, 32))                         # K differs
+    with pytest.raises(RuntimeError, match="gemv"):
+        kernel.gemv(torch.randn(1, 64), torch.randn(8, 64, dtype=torch.bfloat16))   # dtypes differ
+    with pytest.raises(RuntimeError, match="gemv"):
+        kernel.gemv(torch.randn(1, 64, dtype=torch.float16), torch.randn(8, 64, dtype=torch.float16))
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_linear_takes_small_batches_and_hands_larger_ones_on(dtype):
+    """Up to max_rows rows the kernel, beyond them the batched module; the same numbers either
+    way, and the weight is the nn.Linear's own Parameter."""
+    torch.manual_seed(0)
+    class Counting(torch.nn.Module):             # nn.Linear, noting the rows it is given
+        def __init__(self, lin):
+            super().__init__()
+            self.lin, self.rows = lin, []
+
+        def forward(self, x):
+            self.rows.append(x.shape[0])
+            return self.lin(x)
+    lin = torch.nn.Linear(256, 384, bias=False).to(dtype)
+    gl = E.GEMVLinear(Counting(lin), lin.weight, max_rows=2)
+    assert gl.weight is lin.weight
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 16):
+            x = torch.randn(rows, 256, dtype=dtype)
+            torch.testing.assert_close(gl(x).float(), lin(x).float(), atol=tol, rtol=tol)
+    assert gl.batched.rows == [3, 16]
+
+
+def test_without_the_gemv_kernel_the_engine_keeps_torch_s_kernels(folders, reference, monkeypatch):
+    """No compiler: one warning at build time (04's builder), then the batched kernels do all."""
+    monkeypatch.setattr(E, "cpu_gemv_kernel", lambda: None)
+    eng = engine(folders["tiny"], dtype="float32")
+    assert eng.linear_kernels in ("PackedLinear", "SmallBatchLinear")
+    assert not any(isinstance(m, E.GEMVLinear) for m in eng.model.modules())
+    assert [o.token_ids for o in eng.generate(prompts(), GREEDY)] == reference["tiny"]
+
+
+def batched(module):
+    """The module that takes a GEMVLinear's larger batches (itself for any other module)."""
+    return module.batched if isinstance(module, E.GEMVLinear) else module
+
+
 def test_small_batch_fp32_linear_matches_nn_linear_and_keeps_the_tie(folders, monkeypatch):
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 384, bias=False)
@@ -230,7 +308,7 @@ def test_small_batch_fp32_linear_matches_nn_linear_and_keeps_the_tie(folders, mo
         torch.testing.assert_close(out, lin(x), atol=1e-5, rtol=1e-5)
     monkeypatch.setattr(E, "cpu_vendor", lambda: "GenuineIntel")
     eng = engine(folders["tiny"], dtype="float32")
-    assert eng.linear_kernels == "SmallBatchLinear"
+    assert eng.linear_kernels.endswith("SmallBatchLinear") and isinstance(batched(eng.model.lm_head), E.SmallBatchLinear)
     assert eng.model.lm_head.weight is eng.model.model.embed_tokens.weight
 
 
@@ -239,7 +317,8 @@ def test_fp32_engine_on_amd_packs_its_weights_for_onednn(folders, reference, mon
     """MKL is slow on AMD CPUs, so fp32 weights go to oneDNN there; the tokens stay naive_generate's."""
     monkeypatch.setattr(E, "cpu_vendor", lambda: "AuthenticAMD")
     eng = engine(folders["tiny"], dtype="float32")
-    assert eng.linear_kernels == "PackedLinear" and isinstance(eng.model.lm_head, E.PackedLinear)
+    assert eng.linear_kernels.endswith("PackedLinear") and isinstance(batched(eng.model.lm_head), E.PackedLinear)
+    assert (eng.linear_kernels == "GEMVLinear + PackedLinear") == (E.cpu_gemv_kernel() is not None)
     assert [o.token_ids for o in eng.generate(prompts(), GREEDY)] == reference["tiny"]
 
 
@@ -248,17 +327,17 @@ def test_bf16_engine_packs_its_weights_and_keeps_the_model_s_predictions(folders
     """bf16 rounding depends on the kernel, so the check is: logits within bf16 noise of the plain
     bf16 model, and the same top-1 token wherever the margin is larger than that noise."""
     eng = engine(folders["tiny"], dtype="bfloat16")
-    assert isinstance(eng.model.model.layers[0].mlp.up_proj, E.PackedLinear)
+    assert isinstance(batched(eng.model.model.layers[0].mlp.up_proj), E.PackedLinear)
     plain = M.load_model(folders["tiny"], torch.bfloat16)
-    ids = torch.tensor(prompts()[6])
-    with torch.inference_mode():
-        a = eng.model.compute_logits(eng.model(ids, torch.arange(len(ids)))).float()
-        b = plain.compute_logits(plain(ids, torch.arange(len(ids)))).float()
-    noise = (a - b).abs().max().item()
-    assert noise < 0.05 * b.std().item()
-    top2 = b.topk(2, -1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 2 * noise
-    assert clear.sum() > len(ids) // 2 and torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
+    for ids in (torch.tensor(prompts()[6]), torch.tensor(prompts()[6][:2])):     # 33 rows: oneDNN; 2: the GEMV kernel
+        with torch.inference_mode():
+            a = eng.model.compute_logits(eng.model(ids, torch.arange(len(ids)))).float()
+            b = plain.compute_logits(plain(ids, torch.arange(len(ids)))).float()
+        noise = (a - b).abs().max().item()
+        assert noise < 0.05 * b.std().item()
+        top2 = b.topk(2, -1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * noise
+        assert clear.sum() > len(ids) // 2 and torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
 
 
 def test_huge_pages_keep_values_ties_and_zeroes(folders):
@@ -269,7 +348,7 @@ def test_huge_pages_keep_values_ties_and_zeroes(folders):
     pool[1, 2, 3] = 4.0
     assert pool.sum().item() == 4.0
     if hasattr(mmap, "MADV_HUGEPAGE"):
-        assert pool.data_ptr() % E.HUGE_PAGE == 0
+        assert pool.data_ptr() % E.HUGE_PAGE == 0 and pool.storage_offset() == 0    # the storage starts there
     model = M.load_model(folders["tiny"], torch.float32)
     ids = torch.tensor(prompts()[6])
     with torch.inference_mode():
@@ -279,5 +358,10 @@ def test_huge_pages_keep_values_ties_and_zeroes(folders):
     assert moved >= sum(p.nbytes for p in model.parameters())
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.equal(before, after)
+    own = M.load_model(folders["tiny"], torch.float32)        # shared=False (--compile): big matrices alone
+    assert E.move_to_huge_pages(own, shared=False) == own.lm_head.weight.nbytes      # the only one of >= 2 MiB
+    assert own.lm_head.weight is own.model.embed_tokens.weight and own.lm_head.weight.storage_offset() == 0
+    with torch.inference_mode():
+        assert torch.equal(before, own.compute_logits(own(ids, torch.arange(len(ids)))))
     eng = engine(folders["tiny"], dtype="float32")
     assert not eng.kv_cache.any() and eng.kv_cache.shape[2] == eng.num_kv_blocks
