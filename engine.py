@@ -37,12 +37,14 @@ Speed: on CUDA, decode steps replay CUDA graphs captured per batch-size and bloc
 With `--compile` the graphs capture the compiled step (norms, RoPE, casts fused into a few kernels:
 batch-1 decode 82 -> 185 tok/s on an H200).
 On CPU a decode step is a pass over every weight, so what matters is how fast the linear layers read them: each
-nn.Linear is swapped for the measured-fastest kernel of its dtype (`use_cpu_linear_kernels`),
+nn.Linear is swapped for the measured-fastest kernels of its dtype (`use_cpu_linear_kernels`): for
+decode-sized batches a GEMV of our own in C++ (`GEMV_SOURCE`, reading the weights at ~95% of the
+machine's `sum`), for larger ones oneDNN or MKL;
 malloc keeps freed memory so activations do not page-fault in every step (`keep_freed_memory_mapped`),
 and the weights and the KV pool live on 2 MiB pages (`huge_page_zeros`, `move_to_huge_pages`).
 `--compile` runs the model through torch.compile (inductor, weights frozen as constants, the
-max-autotune C++ GEMM templates, a C++ wrapper), one graph per step with attention as one opaque
-op, for steps of up to max_num_seqs tokens (decode) padded to power-of-two buckets, so a handful
+max-autotune C++ GEMM templates, a C++ wrapper), one graph per step with attention and the GEMV
+kernel as opaque ops, for steps of up to max_num_seqs tokens (decode) padded to power-of-two buckets, so a handful
 of shapes are compiled once and replayed; longer steps (prefill) run eager.
 """
 from __future__ import annotations
@@ -385,18 +387,22 @@ GEMV_SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <vector>
+#include <algorithm>
+#include <cstdint>
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t W = Vec::size();          // floats in one SIMD register: 16 with AVX-512, 8 with AVX2
-constexpr int U = 8;                        // sums in flight per row: 8 FMAs hide each other's latency
 
 static inline Vec load(const float* p) { return Vec::loadu(p); }
 static inline Vec load(const at::BFloat16* p) { Vec v; at::vec::load_to_float(p, v); return v; }
 
 // x . w over K: x fp32 (a few KiB, in cache), w one weight row, read once from front to back.
+// U independent sums (registers) per step: 512 bytes of weights, 8 cache lines, asked for at once,
+// so enough reads are in flight to keep up with the memory (on an AMD EPYC whose `sum` read 65 GB/s,
+// bf16 with 8 registers, 256 bytes a step, read 53; with 16, 61); at most the registers there are.
 template <typename T>
 static inline float dot(const float* x, const T* w, int64_t K) {
+  constexpr int U = std::min<int64_t>(512 / (W * sizeof(T)), W == 16 ? 16 : 8);
   Vec acc[U];
   for (int u = 0; u < U; ++u) acc[u] = Vec(0.f);
   int64_t i = 0;
@@ -426,14 +432,16 @@ at::Tensor gemv(at::Tensor x, at::Tensor weight) {
   TORCH_CHECK(weight.is_contiguous() && x.scalar_type() == weight.scalar_type() &&
               (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), "gemv: fp32 or bf16, contiguous weight");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  x = x.contiguous();
+  // x in fp32 on a 64-byte boundary (torch's allocator aligns so): every SIMD load of x then reads
+  // one cache line, not two (x from a 16-byte-aligned buffer cost bf16 ~15% of its speed)
+  at::Tensor xf = x;
+  if (x.scalar_type() != at::kFloat || !x.is_contiguous() || reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 64)
+    xf = at::empty({M, K}, x.options().dtype(at::kFloat)).copy_(x);
   at::Tensor out = at::empty({M, N}, weight.options());
-  if (x.scalar_type() == at::kFloat) {
-    gemv_rows(x.const_data_ptr<float>(), M, weight.const_data_ptr<float>(), N, K, out.data_ptr<float>());
-  } else {                                    // x to fp32 here, not as a tensor op: 197 calls a step
-    std::vector<float> xf(x.const_data_ptr<at::BFloat16>(), x.const_data_ptr<at::BFloat16>() + M * K);
-    gemv_rows(xf.data(), M, weight.const_data_ptr<at::BFloat16>(), N, K, out.data_ptr<at::BFloat16>());
-  }
+  if (x.scalar_type() == at::kFloat)
+    gemv_rows(xf.const_data_ptr<float>(), M, weight.const_data_ptr<float>(), N, K, out.data_ptr<float>());
+  else
+    gemv_rows(xf.const_data_ptr<float>(), M, weight.const_data_ptr<at::BFloat16>(), N, K, out.data_ptr<at::BFloat16>());
   return out;
 }
 
