@@ -72,14 +72,18 @@ def best_time(fn, repeat: int = 5) -> float:
     return best
 
 
-def memory_read_gbps(device) -> float:
-    """Streaming read bandwidth: sum a 512 MiB buffer (far larger than any cache). On CPU the buffer
-    is on 2 MiB pages, like the engine's weights: the most this machine reads (on a 2-core Xeon
-    28.8 GB/s, where the same sum over 4 KiB pages, the TLB missing every 4 KiB, read 22.5)."""
+def read_buffer(device) -> torch.Tensor:
+    """512 MiB to stream, far larger than any cache; on CPU on 2 MiB pages, like the engine's weights."""
     if device.type == "cpu":
-        x = engine_mod.huge_page_zeros((128 * 2**20,), torch.float32).fill_(1)
-    else:
-        x = torch.ones(128 * 2**20, dtype=torch.float32, device=device)
+        return engine_mod.huge_page_zeros((128 * 2**20,), torch.float32).fill_(1)
+    return torch.ones(128 * 2**20, dtype=torch.float32, device=device)
+
+
+def memory_read_gbps(device, x: torch.Tensor | None = None) -> float:
+    """Streaming read bandwidth: sum a 512 MiB buffer (`read_buffer`). On CPU the most this
+    machine reads (on a 2-core Xeon 28.8 GB/s, where the same sum over 4 KiB pages, the TLB missing
+    every 4 KiB, read 22.5)."""
+    x = read_buffer(device) if x is None else x
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t = best_time(lambda: (x.sum(), sync()))
     return x.nbytes / t / 1e9
@@ -181,6 +185,54 @@ def lookalike(rng: random.Random, prompts) -> list[list[int]]:
     return random_prompts(rng, [len(p) for p in prompts])
 
 
+class PairedReads:
+    """An engine observer that, every `every` decode steps, measures the read bandwidth between two
+    steps, so each stretch of decode steps has the machine's bandwidth of its own time beside it."""
+
+    def __init__(self, device, every: int = 16):
+        self.device, self.every, self.buffer = device, every, read_buffer(device)
+        self.reads, self.stretches, self.tokens, self.seconds = [memory_read_gbps(device, self.buffer)], [], 0, 0.0
+
+    def on_event(self, event: str, data: dict) -> None:
+        if event == "step_done" and data["num_tokens"] == data["num_seqs"]:      # a decode step
+            self.tokens, self.seconds = self.tokens + data["num_tokens"], self.seconds + data["seconds"]
+            if self.tokens >= self.every:
+                self.close()
+
+    def close(self) -> None:
+        if self.tokens:
+            self.reads.append(memory_read_gbps(self.device, self.buffer))
+            self.stretches.append((self.tokens, self.seconds))
+            self.tokens, self.seconds = 0, 0.0
+
+
+def paired_decode_fraction(eng, prompts, outs, weight_bytes: int, device, rng: random.Random) -> dict:
+    """The decode workload again (look-alike prompts), with the read bandwidth measured between
+    every 16 decode steps (PairedReads). A VM's bandwidth can change between the samples taken
+    before and after a workload (30-37 GB/s for minutes, 60-69 in between, on a 2-core EPYC), and
+    then the fraction against either sample says little. Here each stretch of steps is compared with
+    the mean of the two reads around it: fraction = tokens / sum(seconds x roofline of its stretch).
+    The timed run's figures are not touched (it has no observer)."""
+    watch = PairedReads(device)
+    eng.observers.append(watch)
+    try:
+        run_ours(eng, lookalike(rng, prompts), outs)
+    finally:
+        eng.observers.remove(watch)
+    watch.close()
+    return {"fraction_of_roofline_paired": round(paired_fraction(watch.reads, watch.stretches, weight_bytes), 3),
+            "memory_read_gb_s_paired": [round(g, 1) for g in watch.reads]}
+
+
+def paired_fraction(reads, stretches, weight_bytes: int) -> float:
+    """reads [r0, r1, ...] GB/s around stretches [(tokens, seconds), ...] of decode steps: stretch i
+    lies between reads i and i+1, its roofline (r_i + r_i+1) / 2 / weight_bytes tok/s.
+    E.g. reads 10, 30, 20 GB/s, 1 GB of weights, stretches (16 tokens, 1 s), (16, 2 s): rooflines
+    20 and 25 tok/s, 32 tokens where 20 * 1 + 25 * 2 = 70 fit: 0.457."""
+    roofs = [(a + b) / 2 * 1e9 / weight_bytes for a, b in zip(reads, reads[1:])]
+    return sum(n for n, _ in stretches) / sum(sec * roof for (_, sec), roof in zip(stretches, roofs))
+
+
 def warm_up_compiled(eng, wl: dict, names, rng: random.Random) -> None:
     """--compile builds a graph per token-count bucket on first use (a minute or more each):
     build the ones the timed workloads use first. Each workload once (look-alike prompts) with two
@@ -273,6 +325,7 @@ def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
             decode_roof = result["memory_read_gb_s"] * 1e9 / result["weight_bytes"]
             r["roofline_tok_s"] = round(decode_roof, 2)
             r["fraction_of_roofline"] = round(r["decode_tok_s"] / decode_roof, 3)
+            r.update(paired_decode_fraction(eng, prompts, outs, result["weight_bytes"], device, warm_rng))
         if name == "prefill":
             r["roofline_tok_s"] = round(prefill_roof, 1)
             r["fraction_of_roofline"] = round(r["prefill_tok_s"] / prefill_roof, 3)
@@ -350,6 +403,9 @@ def print_table(doc: dict) -> None:
             w = r[name]
             tok_s = {"decode": w["decode_tok_s"], "prefill": w["prefill_tok_s"]}.get(name, w["output_tok_s"])
             notes = machine if name == "decode" else ""
+            if "fraction_of_roofline_paired" in w:
+                notes += (f"; paired with reads between its steps: {100 * w['fraction_of_roofline_paired']:.0f}% "
+                          f"(reads {min(w['memory_read_gb_s_paired'])}-{max(w['memory_read_gb_s_paired'])} GB/s)")
             if name == "prefix":
                 notes = f"{w['prefix_cache_hit_tokens']} tokens from the cache; without it {w['no_prefix_cache_output_tok_s']} tok/s"
             if name == "mixed":

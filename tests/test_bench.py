@@ -23,7 +23,23 @@ def test_tiny_run_reports_rooflines_and_cache_identity(capsys):
         assert w["roofline_tok_s"] > 0 and w["fraction_of_roofline"] == round(
             w[f"{name}_tok_s"] / w["roofline_tok_s"], 3)
     assert r["decode"]["output_tokens"] == 32                  # ignore_eos: every requested token
+    # the look-alike rerun: 31 decode steps, a read before, after 16 and after the last 15
+    assert len(r["decode"]["memory_read_gb_s_paired"]) == 3 and r["decode"]["fraction_of_roofline_paired"] > 0
     assert r["prefix"]["prefix_cache_hit_tokens"] > 0 and r["prefix"]["identical_with_and_without_cache"]
+
+
+def test_paired_reads_split_decode_steps_into_stretches_between_reads(monkeypatch):
+    reads = iter([10.0, 30.0, 20.0])
+    monkeypatch.setattr(B, "read_buffer", lambda device: None)
+    monkeypatch.setattr(B, "memory_read_gbps", lambda device, x=None: next(reads))
+    watch = B.PairedReads(torch.device("cpu"), every=16)
+    watch.on_event("step_done", dict(num_tokens=40, num_seqs=1, seconds=9.0))         # a prefill: not counted
+    for seconds in [1 / 16] * 16 + [2 / 16] * 16:
+        watch.on_event("sampled", {})
+        watch.on_event("step_done", dict(num_tokens=1, num_seqs=1, seconds=seconds))
+    watch.close()                                                                       # nothing left: no read
+    assert watch.reads == [10.0, 30.0, 20.0] and watch.stretches == [(16, 1.0), (16, 2.0)]
+    assert round(B.paired_fraction(watch.reads, watch.stretches, 10**9), 3) == 0.457    # the docstring's example
 
 
 def test_weight_bytes_count_a_tied_head_once():

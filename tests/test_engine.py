@@ -230,7 +230,7 @@ NEEDS_COMPILER = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ 
 
 @NEEDS_COMPILER
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("K", [64, 100, 128, 1024 + 16 + 3])     # SIMD blocks of 8 registers, single registers, a scalar tail
+@pytest.mark.parametrize("K", [64, 100, 128, 256, 1024, 1024 + 16 + 3])   # whole blocks only (fp32: 128 on; bf16: 256 on), single registers, a scalar tail
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 def test_gemv_kernel_matches_the_fp32_product(dtype, K, rows):
     """x @ W^T summed in fp32 whatever the dtype, rounded once to it: fp32 to ~1e-6, bf16 to
