@@ -49,9 +49,9 @@ of shapes are compiled once and replayed; longer steps (prefill) run eager.
 """
 from __future__ import annotations
 
-import importlib
 import ctypes
 import functools
+import importlib
 import itertools
 import math
 import mmap
@@ -446,8 +446,8 @@ at::Tensor gemv(at::Tensor x, at::Tensor weight) {
   TORCH_CHECK(weight.is_contiguous() && x.scalar_type() == weight.scalar_type() &&
               (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), "gemv: fp32 or bf16, contiguous weight");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  // x in fp32 on a 64-byte boundary (torch's allocator aligns so): every SIMD load of x then reads
-  // one cache line, not two (x from a 16-byte-aligned buffer cost bf16 ~15% of its speed)
+  // x in fp32 on a 64-byte boundary (torch's allocator aligns so): no SIMD load of x then
+  // straddles two cache lines
   at::Tensor xf = x;
   if (x.scalar_type() != at::kFloat || !x.is_contiguous() || reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 64)
     xf = at::empty({M, K}, x.options().dtype(at::kFloat)).copy_(x);
@@ -485,8 +485,8 @@ def cpu_gemv_kernel():
 
 class GEMVLinear(torch.nn.Module):
     """An nn.Linear whose small batches (decode) run the GEMV kernel above, and larger ones
-    (prefill) `batched`, the measured-fastest GEMM of its dtype (PackedLinear, SmallBatchLinear;
-    None: F.linear).
+    (prefill) `batched`, the measured-fastest GEMM of its dtype (PackedLinear, SmallBatchLinear,
+    or the nn.Linear itself).
 
     Why a kernel of our own: a batch-1 decode step is a matrix-vector product per weight, all
     memory reads, so tok/s is set by how fast the weights stream in. Measured on a 2-core AMD
@@ -547,8 +547,8 @@ def use_cpu_linear_kernels(model: torch.nn.Module, dtype: torch.dtype, batched: 
     swaps = [(parent, name, child) for parent in model.modules()
              for name, child in parent.named_children() if isinstance(child, torch.nn.Linear)]
     for parent, name, child in swaps:
-        batched = kind(child) if kind else child
-        setattr(parent, name, GEMVLinear(batched, child.weight, gemv_rows) if gemv_rows else batched)
+        larger = kind(child) if kind else child                  # what takes batches past gemv_rows
+        setattr(parent, name, GEMVLinear(larger, child.weight, gemv_rows) if gemv_rows else larger)
     return " + ".join(k.__name__ for k in (GEMVLinear if gemv_rows else None, kind) if k)
 
 
