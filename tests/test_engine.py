@@ -239,7 +239,8 @@ def test_gemv_kernel_matches_the_fp32_product(dtype, K, rows):
     torch.manual_seed(K + rows)
     x, w = torch.randn(2 * rows, K, dtype=dtype)[::2], torch.randn(300, K, dtype=dtype)   # x not contiguous
     exact = x.double() @ w.double().T                                                      # (rows, 300)
-    for out in (E.cpu_gemv_kernel().gemv(x, w), torch.ops.nano_vllm_cpu.gemv(x, w)):
+    x_columns = x.T.contiguous().T                                                         # x's columns contiguous
+    for out in (E.cpu_gemv_kernel().gemv(x, w), torch.ops.nano_vllm_cpu.gemv(x, w), E.cpu_gemv_kernel().gemv(x_columns, w)):
         assert out.shape == (rows, 300) and out.dtype == dtype
         if dtype == torch.float32:
             torch.testing.assert_close(out.double(), exact, atol=1e-4, rtol=1e-5)
