@@ -142,25 +142,50 @@ def bucket(n: int, limit: int) -> int:
 
 
 class StepAttention:
-    """The attention context compiled code sees. It is one object for the engine's whole life
-    (compiled code is specialised on the objects it sees, so a new one per step would recompile),
-    holding this step's PagedContext and how many of the (padded) tokens are real.
+    """The attention context compiled code sees (and, on a CPU, eager decode steps too). It is one
+    object for the engine's whole life (compiled code is specialised on the objects it sees, so a
+    new one per step would recompile), holding this step's PagedContext and how many of the
+    (padded) tokens are real.
 
-    To the compiler, attention is one opaque call (`paged_attention_op`) whose output has q's
-    shape, so a whole step, all layers, is one graph with no breaks; inside the call runs 04's
-    eager paged attention, whose shapes change every step. The dense layers around it, which
-    move the weights, are what compilation speeds up."""
+    To the compiler, attention is one opaque call whose output has q's shape, so a whole step, all
+    layers, is one graph with no breaks. On a CPU with 04's kernel (kv_cache given) it serves
+    decode steps only and the call is `paged_decode_step`, a C++ op that inductor's C++ wrapper
+    calls directly: the step's slots, block tables (padded to max_blocks_per_seq columns: one
+    shape per bucket) and context lengths are tensors here, inputs of the graph. Elsewhere it is
+    `paged_attention_op`, which runs 04's eager paged attention in Python, whatever the step.
+    The dense layers around it, which move the weights, are what compilation speeds up."""
 
-    def __init__(self):
+    def __init__(self, kv_cache: torch.Tensor | None = None):
         self.ctx: paged.PagedContext | None = None
         self.num_tokens = 0
         self.key = next(_step_attention_keys)
         _STEP_ATTENTIONS[self.key] = self
+        self.kv_cache = kv_cache
+        self.slot_mapping = self.block_tables = self.context_lens = None
+
+    def set_step(self, ctx: paged.PagedContext, num_tokens: int, rows: int, width: int) -> None:
+        """This step's context: num_tokens real tokens of `rows`; with the C++ op, its tensors
+        padded to `rows` (padding rows: slot -1, context length 0) and `width` table columns."""
+        self.ctx, self.num_tokens = ctx, num_tokens
+        if self.kv_cache is not None:
+            pad = rows - num_tokens
+            self.slot_mapping = torch.nn.functional.pad(ctx.slot_mapping, (0, pad), value=-1)      # (rows,)
+            self.context_lens = torch.nn.functional.pad(ctx.context_lens, (0, pad))                 # (rows,)
+            self.block_tables = torch.nn.functional.pad(
+                ctx.block_tables, (0, width - ctx.block_tables.shape[1], 0, pad), value=-1)         # (rows, width)
 
     def attend(self, layer_idx: int, q, k, v):          # what the model calls: traced, one op
-        return paged_attention_op(q, k, v, self.key, layer_idx)
+        # The key takes part in the branch, so it is one of the compiled graphs' guards (an int
+        # compared on every call). Dynamo keeps one cache of graphs for the model's forward, shared
+        # by every engine that compiles this model class, and ModelRunner skips the guards on
+        # modules: this is what keeps an engine off another engine's graphs and the weights frozen
+        # into them (a test compiles two checkpoints of one shape in one process).
+        if self.kv_cache is None or self.key < 0:
+            return paged_attention_op(q, k, v, self.key, layer_idx)
+        return torch.ops.nano_vllm_cpu.paged_decode_step(q, k, v, self.kv_cache, layer_idx, self.slot_mapping,
+                                                         self.block_tables, self.context_lens)
 
-    def run(self, layer_idx: int, q, k, v):             # what the op runs: eager
+    def run(self, layer_idx: int, q, k, v):             # what the Python op runs: eager
         n = self.num_tokens
         out = self.ctx.attend(layer_idx, q[:n], k[:n], v[:n])                   # (n, H, d)
         if n < q.shape[0]:                                                      # padding rows: zeros
@@ -186,6 +211,69 @@ def paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step_a
 @paged_attention_op.register_fake
 def _(q, k, v, step_attention, layer_idx):
     return torch.empty_like(q)
+
+
+DECODE_STEP_SOURCE = r"""
+#include <torch/library.h>
+#include <cstring>
+
+// One layer's attention in a compiled CPU decode step, appended to 04's kernel source: the step's
+// k/v copied into their slots (what 04's store_kvcache does), then paged_decode above over the
+// real rows. Padding rows (context_len 0) come last and give zeros. kv_cache is written, a side
+// effect the compiler is not told of and need not be: nothing else in the graph reads the pool.
+at::Tensor paged_decode_step(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kv_cache, int64_t layer,
+                             at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor context_lens) {
+  TORCH_CHECK(kv_cache.dim() == 6 && q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && kv_cache.is_contiguous(),
+              "paged_decode_step: q (B, H, d), k/v (B, n_kv, d), a contiguous kv_cache (layers, 2, blocks, n_kv, block_size, d)");
+  TORCH_CHECK(k.scalar_type() == kv_cache.scalar_type() && v.scalar_type() == kv_cache.scalar_type() &&
+              slot_mapping.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
+              slot_mapping.is_contiguous() && context_lens.is_contiguous(), "paged_decode_step: dtypes");
+  TORCH_CHECK(layer >= 0 && layer < kv_cache.size(0), "paged_decode_step: layer out of range");
+  const at::Tensor k_cache = kv_cache.select(0, layer).select(0, 0), v_cache = kv_cache.select(0, layer).select(0, 1);
+  const int64_t B = q.size(0), num_blocks = k_cache.size(0), n_kv = k_cache.size(1), bs = k_cache.size(2), d = k_cache.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == n_kv && k.size(2) == d && slot_mapping.size(0) == B &&
+              context_lens.size(0) == B && block_tables.size(0) == B, "paged_decode_step: one slot, length, table per row");
+  const int64_t *slots = slot_mapping.const_data_ptr<int64_t>(), *lens = context_lens.const_data_ptr<int64_t>();
+  int64_t n = 0;                                                     // the real rows
+  while (n < B && lens[n] > 0) ++n;
+  const at::Tensor kc = k.contiguous(), vc = v.contiguous();
+  const int64_t row = d * kv_cache.element_size();                    // bytes of one head's vector
+  const char *ks = static_cast<const char*>(kc.const_data_ptr()), *vs = static_cast<const char*>(vc.const_data_ptr());
+  char *kd = static_cast<char*>(k_cache.data_ptr()), *vd = static_cast<char*>(v_cache.data_ptr());
+  for (int64_t b = 0; b < n; ++b) {
+    TORCH_CHECK(slots[b] >= 0 && slots[b] < num_blocks * bs, "paged_decode_step: slot out of range");
+    for (int64_t h = 0; h < n_kv; ++h) {                             // slot s of head h: block s / bs, offset s % bs
+      const int64_t to = ((slots[b] / bs * n_kv + h) * bs + slots[b] % bs) * row, from = (b * n_kv + h) * row;
+      std::memcpy(kd + to, ks + from, row);
+      std::memcpy(vd + to, vs + from, row);
+    }
+  }
+  if (n == B) return paged_decode(q.contiguous(), k_cache, v_cache, block_tables.contiguous(), context_lens);
+  at::Tensor out = at::zeros_like(q, at::MemoryFormat::Contiguous);
+  if (n > 0)
+    out.narrow(0, 0, n).copy_(paged_decode(q.narrow(0, 0, n).contiguous(), k_cache, v_cache,
+                                           block_tables.narrow(0, 0, n).contiguous(), context_lens.narrow(0, 0, n)));
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(nano_vllm_cpu, m) {
+  m.def("paged_decode_step(Tensor q, Tensor k, Tensor v, Tensor kv_cache, int layer, Tensor slot_mapping, "
+        "Tensor block_tables, Tensor context_lens) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(nano_vllm_cpu, CPU, m) { m.impl("paged_decode_step", &paged_decode_step); }
+"""
+
+
+@functools.cache
+def cpu_decode_step_op():
+    """04's decode kernel with DECODE_STEP_SOURCE, compiled for this CPU (04's builder), or None.
+    Loading it defines torch.ops.nano_vllm_cpu.paged_decode_step; torch.compile learns its
+    output's shape here."""
+    kernel = paged.build_cpu_kernel("nano_vllm_decode_step", paged.DECODE_KERNEL_SOURCE + DECODE_STEP_SOURCE,
+                                    "paged_decode_step", "engine.py's decode-step attention op")
+    if kernel is not None:
+        torch.library.register_fake("nano_vllm_cpu::paged_decode_step", lambda q, *rest: torch.empty_like(q))
+    return kernel
 
 
 def configure_inductor(cache_dir: str) -> None:
@@ -481,7 +569,7 @@ at::Tensor gemv(at::Tensor x, at::Tensor weight) {
 
 // The same function as an op of torch's dispatcher, for compiled code: inductor's C++ wrapper
 // calls it directly, no Python in between (its output shape is told to the compiler in Python).
-TORCH_LIBRARY(nano_vllm_cpu, m) { m.def("gemv(Tensor x, Tensor weight) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(nano_vllm_cpu, m) { m.def("gemv(Tensor x, Tensor weight) -> Tensor"); }
 TORCH_LIBRARY_IMPL(nano_vllm_cpu, CPU, m) { m.impl("gemv", &gemv); }
 """
 
@@ -576,7 +664,8 @@ class ModelRunner:
     """Packs a scheduled batch into flat tensors, runs the model over the paged KV cache and
     returns logits for the positions that sample. Three ways to run the model:
     eager (always correct, the reference), compiled (`compile`: steps of up to max_num_seqs
-    tokens, padded to shape buckets), and decode-only CUDA graphs (on CUDA unless `enforce_eager`),
+    tokens, padded to shape buckets; on a CPU where 04's kernel runs, decode steps only, whose
+    attention is then one C++ op), and decode-only CUDA graphs (on CUDA unless `enforce_eager`),
     which capture the compiled step under `compile`.
 
     Why compile only the short steps: a decode step reads every weight for a few tokens, so the
@@ -587,11 +676,17 @@ class ModelRunner:
 
     def __init__(self, model, block_manager: paged.BlockManager, kv_cache,
                  device: torch.device, max_blocks_per_seq: int, max_num_seqs: int,
-                 compile: bool = False, cuda_graphs: bool = False, cache_dir: str = ""):
+                 compile: bool = False, cuda_graphs: bool = False, cache_dir: str = "",
+                 decode_kernel: bool = False):
         self.model, self.bm, self.kv_cache = model, block_manager, kv_cache
         self.device = device
-        self.max_num_seqs = max_num_seqs
-        self.step_attention = StepAttention() if compile else None
+        self.max_num_seqs, self.max_blocks_per_seq = max_num_seqs, max_blocks_per_seq
+        # On a CPU whose decode rows 04's kernel takes, every decode step's attention is one C++ op
+        # (eager or compiled: with cold caches, as between a step's weight reads, 04's Python path
+        # around the same kernel cost ~110 us a layer, the op ~50; AMD EPYC, Qwen3-0.6B's heads),
+        # and compiled steps are decode steps.
+        self.decode_op = device.type == "cpu" and decode_kernel and cpu_decode_step_op() is not None
+        self.step_attention = StepAttention(kv_cache if self.decode_op else None) if compile or self.decode_op else None
         self.compiled = self.compiled_logits = None
         if compile:
             # CPU: every bucket its own graph, GEMMs autotuned for its shape. CUDA: torch.compile's
@@ -603,7 +698,7 @@ class ModelRunner:
             # No guards on the modules: the model never changes after loading, and checking its
             # parameters and submodules before every call cost 0.43 ms a call, two calls a step
             # (AMD EPYC, bf16 batch-1 decode; 0.06 ms without). The inputs' shapes still pick the
-            # bucket's graph, and each torch.compile keeps its own cache, so never another model's.
+            # bucket's graph, and the step attention's key the engine's (StepAttention.attend).
             options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
             self.compiled = torch.compile(model, dynamic=dynamic, options=options)
             self.compiled_logits = torch.compile(model.compute_logits, dynamic=dynamic, options=options)
@@ -636,18 +731,23 @@ class ModelRunner:
                 and input_ids.shape[0] <= self.graph_decoder.max_batch:
             return self.graph_decoder.run(input_ids, positions, ctx.slot_mapping, ctx.block_tables, ctx.context_lens)
         n = input_ids.shape[0]
-        if eager or self.compiled is None or n > self.max_num_seqs:
+        if eager or (self.decode_op and ctx.is_prefill):
             return self.model(input_ids, positions, ctx)
-        pad = bucket(n, self.max_num_seqs) - n
-        hidden = self.run_compiled(torch.nn.functional.pad(input_ids, (0, pad)),
-                                   torch.nn.functional.pad(positions, (0, pad)), ctx, num_tokens=n)
-        return hidden[:n]
+        if self.compiled is not None and n <= self.max_num_seqs:
+            pad = bucket(n, self.max_num_seqs) - n
+            hidden = self.run_compiled(torch.nn.functional.pad(input_ids, (0, pad)),
+                                       torch.nn.functional.pad(positions, (0, pad)), ctx, num_tokens=n)
+            return hidden[:n]
+        if self.decode_op:                                  # a decode step, eager, its attention the op
+            self.step_attention.set_step(ctx, n, n, ctx.block_tables.shape[1])
+            return self.model(input_ids, positions, self.step_attention)
+        return self.model(input_ids, positions, ctx)
 
     def run_compiled(self, input_ids, positions, ctx, num_tokens: int | None = None) -> torch.Tensor:
         """The compiled model on a step padded to a bucket; attention sees the first num_tokens
         rows (default: all of them; the CUDA graphs' padding rows attend to their scratch block)."""
-        self.step_attention.ctx = ctx
-        self.step_attention.num_tokens = input_ids.shape[0] if num_tokens is None else num_tokens
+        rows = input_ids.shape[0]
+        self.step_attention.set_step(ctx, rows if num_tokens is None else num_tokens, rows, self.max_blocks_per_seq)
         return self.compiled(input_ids, positions, self.step_attention)
 
     def logits(self, hidden: torch.Tensor, eager: bool = False) -> torch.Tensor:
@@ -660,7 +760,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch, eager: bool = False) -> tuple[torch.Tensor, list]:
         """Logits (S, vocab) in fp32 for the S sequences that sample this step, and those sequences.
-        eager=True bypasses compiled code and CUDA graphs (forward hooks only fire in eager code)."""
+        eager=True bypasses compiled code, CUDA graphs (forward hooks only fire in eager code) and
+        the C++ decode-step op: the model with 04's attention as written."""
         input_ids, positions, ctx, logits_indices, samplers = self.prepare(batch)
         hidden = self.forward(input_ids, positions, ctx, eager)                 # (N, hidden)
         return self.logits(hidden[logits_indices], eager).float(), samplers
@@ -712,7 +813,8 @@ class LLMEngine:
         self.scheduler = sched.Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.block_manager, self.kv_cache, self.device, max_blocks_per_seq,
                                   config.max_num_seqs, compile=config.compile,
-                                  cuda_graphs=cuda_graphs, cache_dir=qwen3.cache_root())
+                                  cuda_graphs=cuda_graphs, cache_dir=qwen3.cache_root(),
+                                  decode_kernel=self.decode_kernel)
         self.sampler = sampling.Sampler()
         self.speculative = None
         if self.draft_model is not None:

@@ -250,6 +250,37 @@ def test_gemv_kernel_matches_the_fp32_product(dtype, K, rows):
 
 
 @NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_op_stores_then_attends_like_04(dtype):
+    """The compiled CPU decode step's attention op: the step's k/v land in their slots exactly as
+    04's store_kvcache puts them (a 1-token context attends to its own token only), each real row
+    attends like the reference, a padding row (context 0, slot -1) gives zeros and writes nothing."""
+    assert E.cpu_decode_step_op() is not None, "a compiler is here, so the op must build"
+    torch.manual_seed(0)
+    paged = load("04_paged_attention")
+    layers, num_blocks, n_kv, bs, d, H = 3, 20, 2, 4, 64, 8
+    kv = torch.randn(layers, 2, num_blocks, n_kv, bs, d, dtype=dtype)
+    expected_kv = kv.clone()
+    tables = torch.tensor([[3, 7, -1, -1], [1, 2, 4, -1], [9, -1, -1, -1]])
+    lens = torch.tensor([5, 9, 1])                                           # the new token is each one's last
+    slots = torch.stack([tables[b, (n - 1) // bs] * bs + (n - 1) % bs for b, n in enumerate(lens.tolist())])
+    q, k = torch.randn(4, H, d, dtype=dtype), torch.randn(4, n_kv, d, dtype=dtype)
+    v = torch.randn_like(k)
+    out = torch.ops.nano_vllm_cpu.paged_decode_step(
+        q, k, v, kv, 1, torch.cat([slots, torch.tensor([-1])]), torch.cat([tables, torch.full((1, 4), -1)]),
+        torch.cat([lens, torch.tensor([0])]))
+    paged.store_kvcache(k[:3], v[:3], expected_kv[1, 0], expected_kv[1, 1], slots)
+    assert torch.equal(kv, expected_kv)
+    reference = paged.decode_attention_reference(q[:3], kv[1, 0], kv[1, 1], tables, lens)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out[:3].float(), reference.float(), atol=tol, rtol=tol)
+    assert out.shape == q.shape and (out[3] == 0).all()
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        torch.ops.nano_vllm_cpu.paged_decode_step(q[:1], k[:1], v[:1], kv, 1, torch.tensor([num_blocks * bs]),
+                                                  tables[:1], lens[:1])
+
+
+@NEEDS_COMPILER
 def test_gemv_kernel_rejects_what_it_was_not_written_for():
     kernel = E.cpu_gemv_kernel()
     with pytest.raises(RuntimeError, match="gemv"):
