@@ -518,14 +518,34 @@ static inline float dot_any(const float* x, const T* w, int64_t K) {
   return sum;
 }
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+// Where the CPU has them (AVX512-BF16: AMD Zen 4, Intel Cooper Lake and later), a bf16 row takes
+// `vdpbf16ps`: 32 products of bf16 pairs summed into 16 fp32 sums in one instruction, x in bf16 as
+// the model hands it, where the loop above converts every weight to fp32 first. K a multiple of
+// 256 (8 sums of 32 numbers a step: 512 bytes). Measured on a 2-core AMD EPYC over Qwen3-0.6B's
+// layer weights, 150 samples against `sum`: 92% of it on average, the conversion loop 89%.
+constexpr int64_t PAIRS_STEP = 8 * 32;
+static inline float dot_bf16_pairs(const at::BFloat16* x, const at::BFloat16* w, int64_t K) {
+  __m512 acc[8];
+  for (int u = 0; u < 8; ++u) acc[u] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < K; i += PAIRS_STEP)
+    for (int u = 0; u < 8; ++u)
+      acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(w + i + u * 32),
+                                (__m512bh)_mm512_loadu_si512(x + i + u * 32));
+  for (int u = 1; u < 8; ++u) acc[0] = _mm512_add_ps(acc[0], acc[u]);
+  return _mm512_reduce_add_ps(acc[0]);
+}
+#endif
+
 // Each thread takes a contiguous range of the weight's rows: one stream through memory, which the
 // hardware prefetcher follows (rows taken 4 or 8 at a time, or prefetched by hand, read slower).
 // The M rows of x reuse each weight row while it is in L1. A bare OpenMP region (torch's own
 // thread pool) rather than at::parallel_for: a decode step makes ~200 calls of ~50-100 us, and
 // at::parallel_for's bookkeeping plus a dispatched copy of x cost ~3% of the bytes read per step.
-template <typename T>
-static void gemv_rows(const float* x, int64_t M, const T* w, int64_t N, int64_t K, T* out) {
-  const auto dot = K % (U<T> * W) == 0 ? dot_blocks<T> : dot_any<T>;
+template <typename X, typename T>
+static void gemv_rows(float (*dot)(const X*, const T*, int64_t), const X* x, int64_t M, const T* w,
+                      int64_t N, int64_t K, T* out) {
   const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), (N + 63) / 64);
 #pragma omp parallel num_threads(threads)
   {
@@ -535,21 +555,24 @@ static void gemv_rows(const float* x, int64_t M, const T* w, int64_t N, int64_t 
   }
 }
 
-// x's rows as fp32 on a 64-byte boundary (no SIMD load of x then straddles two cache lines): x
-// itself where it already is, else a copy in a buffer this thread keeps from call to call.
-static const float* x_as_fp32(const at::Tensor& x) {
+// x's rows as X (fp32, or bf16 for the pairs above) on a 64-byte boundary (no SIMD load of x then
+// straddles two cache lines): x itself where it already is, else a copy in a buffer this thread
+// keeps from call to call.
+template <typename X>
+static const X* aligned_rows(const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1);
-  if (x.scalar_type() == at::kFloat && x.is_contiguous() && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 64 == 0)
-    return x.const_data_ptr<float>();
-  thread_local std::vector<float> buffer;
-  buffer.resize(std::max<size_t>(buffer.size(), M * K + 16));
-  float* xf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
+  if (x.scalar_type() == c10::CppTypeToScalarType<X>::value && x.is_contiguous() &&
+      reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 64 == 0)
+    return x.const_data_ptr<X>();
+  thread_local std::vector<X> buffer;
+  buffer.resize(std::max<size_t>(buffer.size(), M * K + 64 / sizeof(X)));
+  X* xa = reinterpret_cast<X*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
   const at::Tensor rows = x.stride(1) == 1 ? x : x.contiguous();
   for (int64_t m = 0; m < M; ++m) {
-    if (x.scalar_type() == at::kFloat) at::vec::convert(rows.const_data_ptr<float>() + m * rows.stride(0), xf + m * K, K);
-    else at::vec::convert(rows.const_data_ptr<at::BFloat16>() + m * rows.stride(0), xf + m * K, K);
+    if (x.scalar_type() == at::kFloat) at::vec::convert(rows.const_data_ptr<float>() + m * rows.stride(0), xa + m * K, K);
+    else at::vec::convert(rows.const_data_ptr<at::BFloat16>() + m * rows.stride(0), xa + m * K, K);
   }
-  return xf;
+  return xa;
 }
 
 // x (M, K) @ weight (N, K)^T -> (M, N), fp32 or bf16 (bf16: products summed in fp32, one rounding).
@@ -558,12 +581,21 @@ at::Tensor gemv(at::Tensor x, at::Tensor weight) {
   TORCH_CHECK(weight.is_contiguous() && x.scalar_type() == weight.scalar_type() &&
               (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), "gemv: fp32 or bf16, contiguous weight");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  const float* xf = x_as_fp32(x);
   at::Tensor out = at::empty({M, N}, weight.options());
-  if (x.scalar_type() == at::kFloat)
-    gemv_rows(xf, M, weight.const_data_ptr<float>(), N, K, out.data_ptr<float>());
-  else
-    gemv_rows(xf, M, weight.const_data_ptr<at::BFloat16>(), N, K, out.data_ptr<at::BFloat16>());
+  if (x.scalar_type() == at::kFloat) {
+    gemv_rows(K % (U<float> * W) == 0 ? dot_blocks<float> : dot_any<float>, aligned_rows<float>(x), M,
+              weight.const_data_ptr<float>(), N, K, out.data_ptr<float>());
+    return out;
+  }
+  const at::BFloat16* w = weight.const_data_ptr<at::BFloat16>();
+#if defined(__AVX512BF16__)
+  if (K % PAIRS_STEP == 0) {
+    gemv_rows(dot_bf16_pairs, aligned_rows<at::BFloat16>(x), M, w, N, K, out.data_ptr<at::BFloat16>());
+    return out;
+  }
+#endif
+  gemv_rows(K % (U<at::BFloat16> * W) == 0 ? dot_blocks<at::BFloat16> : dot_any<at::BFloat16>, aligned_rows<float>(x),
+            M, w, N, K, out.data_ptr<at::BFloat16>());
   return out;
 }
 
