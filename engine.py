@@ -39,13 +39,14 @@ batch-1 decode 82 -> 185 tok/s on an H200).
 On CPU a decode step is a pass over every weight, so what matters is how fast the linear layers read them: each
 nn.Linear is swapped for the measured-fastest kernels of its dtype (`use_cpu_linear_kernels`): for
 decode-sized batches a GEMV of our own in C++ (`GEMV_SOURCE`, reading the weights at ~95% of the
-machine's `sum`), for larger ones oneDNN or MKL;
+machine's `sum`), for larger ones oneDNN or MKL; what else a decode step runs, the attention
+(store and 04's kernel) and, in eager code, the RMSNorms, is one C++ call each;
 malloc keeps freed memory so activations do not page-fault in every step (`keep_freed_memory_mapped`),
 and the weights and the KV pool live on 2 MiB pages (`huge_page_zeros`, `move_to_huge_pages`).
 `--compile` runs the model through torch.compile (inductor, weights frozen as constants, the
 max-autotune C++ GEMM templates, a C++ wrapper), one graph per step with attention and the GEMV
-kernel as opaque ops, for steps of up to max_num_seqs tokens (decode) padded to power-of-two buckets, so a handful
-of shapes are compiled once and replayed; longer steps (prefill) run eager.
+kernel as opaque ops, for steps of up to max_num_seqs tokens (on a CPU decode steps only) padded to
+power-of-two buckets, so a handful of shapes are compiled once and replayed; the rest run eager.
 """
 from __future__ import annotations
 
