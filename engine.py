@@ -218,10 +218,11 @@ DECODE_STEP_SOURCE = r"""
 #include <torch/library.h>
 #include <cstring>
 
-// One layer's attention in a compiled CPU decode step, appended to 04's kernel source: the step's
-// k/v copied into their slots (what 04's store_kvcache does), then paged_decode above over the
-// real rows. Padding rows (context_len 0) come last and give zeros. kv_cache is written, a side
-// effect the compiler is not told of and need not be: nothing else in the graph reads the pool.
+// One layer's attention in a CPU decode step (eager, or called by compiled code), appended to 04's
+// kernel source: the step's k/v copied into their slots (what 04's store_kvcache does), then
+// paged_decode above over the real rows. Padding rows (context_len 0) come last and give zeros.
+// kv_cache is written, a side effect the compiler is not told of and need not be: nothing else in
+// the graph reads the pool. Every slot is checked before any is written.
 at::Tensor paged_decode_step(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kv_cache, int64_t layer,
                              at::Tensor slot_mapping, at::Tensor block_tables, at::Tensor context_lens) {
   TORCH_CHECK(kv_cache.dim() == 6 && q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && kv_cache.is_contiguous(),
@@ -241,8 +242,9 @@ at::Tensor paged_decode_step(at::Tensor q, at::Tensor k, at::Tensor v, at::Tenso
   const int64_t row = d * kv_cache.element_size();                    // bytes of one head's vector
   const char *ks = static_cast<const char*>(kc.const_data_ptr()), *vs = static_cast<const char*>(vc.const_data_ptr());
   char *kd = static_cast<char*>(k_cache.data_ptr()), *vd = static_cast<char*>(v_cache.data_ptr());
-  for (int64_t b = 0; b < n; ++b) {
+  for (int64_t b = 0; b < n; ++b)
     TORCH_CHECK(slots[b] >= 0 && slots[b] < num_blocks * bs, "paged_decode_step: slot out of range");
+  for (int64_t b = 0; b < n; ++b) {
     for (int64_t h = 0; h < n_kv; ++h) {                             // slot s of head h: block s / bs, offset s % bs
       const int64_t to = ((slots[b] / bs * n_kv + h) * bs + slots[b] % bs) * row, from = (b * n_kv + h) * row;
       std::memcpy(kd + to, ks + from, row);
