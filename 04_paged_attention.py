@@ -626,7 +626,7 @@ def build_cpu_kernel(name: str, source: str, function: str, what: str):
     naming `what` falls back to torch. The first build takes ~25 s, with a notice on stderr; torch
     keeps the library on disk (~/.cache/torch_extensions) for the next process. The library is
     named after the CPU's vector ISA, so a home directory shared by machines of another kind never
-    loads code built for instructions they lack. engine.py builds its GEMV kernel with it too."""
+    loads code built for instructions they lack. engine.py builds its C++ pieces with it too."""
     from torch.utils import cpp_extension
     isa = torch.backends.cpu.get_cpu_capability()           # "AVX512", "AVX2", "DEFAULT", ...
     name = f"{name}_{isa.lower()}"

@@ -715,11 +715,17 @@ def use_cpu_norm_kernel(model: torch.nn.Module, dtype: torch.dtype) -> bool:
     under torch.compile inductor fuses the norms itself."""
     if dtype not in (torch.float32, torch.bfloat16) or cpu_rms_norm_kernel() is None:
         return False
-    swaps = [(parent, name, child) for parent in model.modules()
-             for name, child in parent.named_children() if type(child) is qwen3.RMSNorm]
-    for parent, name, child in swaps:
-        setattr(parent, name, FusedRMSNorm(child))
+    swap_modules(model, lambda m: type(m) is qwen3.RMSNorm, FusedRMSNorm)
     return True
+
+
+def swap_modules(model: torch.nn.Module, match, replace) -> None:
+    """Put replace(child) in place of every submodule for which match(child) holds, under the same
+    name in the same parent (forward hooks registered afterwards still find it by name)."""
+    swaps = [(parent, name, child) for parent in model.modules()
+             for name, child in parent.named_children() if match(child)]
+    for parent, name, child in swaps:
+        setattr(parent, name, replace(child))
 
 
 def cpu_vendor() -> str:
@@ -758,11 +764,10 @@ def use_cpu_linear_kernels(model: torch.nn.Module, dtype: torch.dtype, batched: 
     gemv_rows = GEMV_MAX_ROWS.get(dtype, 0) if cpu_gemv_kernel() is not None else 0
     if kind is None and not gemv_rows:
         return None
-    swaps = [(parent, name, child) for parent in model.modules()
-             for name, child in parent.named_children() if isinstance(child, torch.nn.Linear)]
-    for parent, name, child in swaps:
-        larger = kind(child) if kind else child                  # what takes batches past gemv_rows
-        setattr(parent, name, GEMVLinear(larger, child.weight, gemv_rows) if gemv_rows else larger)
+    def replace(linear: torch.nn.Linear) -> torch.nn.Module:
+        larger = kind(linear) if kind else linear                # what takes batches past gemv_rows
+        return GEMVLinear(larger, linear.weight, gemv_rows) if gemv_rows else larger
+    swap_modules(model, lambda m: isinstance(m, torch.nn.Linear), replace)
     return " + ".join(k.__name__ for k in (GEMVLinear if gemv_rows else None, kind) if k)
 
 
