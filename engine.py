@@ -541,9 +541,10 @@ static inline __m512 bf16_pairs_block(const at::BFloat16* x, const at::BFloat16*
   return p[0];
 }
 
-// Not 8 running sums as in dot_blocks: there each vdpbf16ps waits for the one before it in its
-// register, and rows longer than 1024 values (o_proj's 2048, down_proj's 3072) read less of `sum`
-// than rows of 1024. Measured on a 2-core AMD EPYC, 2 threads, ~500 samples where `sum` read
+// Not 8 running sums as in dot_blocks (each vdpbf16ps waiting for the one before it in its
+// register): with those, rows longer than 1024 values (o_proj's 2048, down_proj's 3072) read less
+// of `sum` than rows of 1024 (why is not settled: the same loop over an x cut to 2 KiB, same loads,
+// read like short rows). Measured on a 2-core AMD EPYC, 2 threads, ~500 samples where `sum` read
 // ~35 GB/s and ~120 where it read ~65: 8 running sums 95% / 87% of it (rows of 1024 / 3072), 83% /
 // 68% at 65 GB/s; fresh registers each block and one running sum of adds 99% / 98%, 84% / 76%.
 // fp32 rows keep the running sums (there the extra adds cost more than the chains: 75% against 93%).
