@@ -19,19 +19,28 @@ Workloads (seeded, random token ids, ignore_eos so lengths are what was asked fo
     python bench.py --dtype bfloat16 --compile --compare-hf --output json
     python bench.py --quick                           # smaller workloads, a minute or two
     python bench.py --speculative --dtype bfloat16    # speculative decoding: measured vs expected speedup
+    python bench.py --workloads decode --dtype bfloat16 --llama-bench llama.cpp/build/bin/llama-bench \
+        --gguf bfloat16=demo-bf16.gguf                # the CPU bar: llama.cpp's decode, taking turns with ours
 
 With --speculative the decode workload also runs with a draft model (built-in early-exit draft
 unless --draft-model) and compares the measured speedup with Leviathan et al.'s expected one,
 (1 - a^(k+1)) / ((1 - a)(c k + 1)): a the per-token acceptance estimated from this run's counts,
 c the draft/target cost of one forward measured in this run.
+
+With --llama-bench the decode workload also takes turns with llama.cpp, the engine CPU users
+would otherwise pick, on a GGUF of the same weights (made with llama.cpp's convert_hf_to_gguf.py
+from the model's folder, --outtype f32 or bf16): both engines' tok/s and fractions of the
+roofline, each against the reads around its own turns.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import platform
 import random
+import subprocess
 import sys
 import time
 
@@ -233,6 +242,41 @@ def paired_fraction(reads, stretches, weight_bytes: int) -> float:
     return sum(n for n, _ in stretches) / sum(sec * roof for (_, sec), roof in zip(stretches, roofs))
 
 
+def llama_bench_tok_s(binary: str, gguf: str, new_tokens: int, threads: int) -> float:
+    """llama.cpp's batch-1 decode on this machine: its own benchmark, `llama-bench` (-p 0: no
+    prompt, -n: new tokens, one repetition), on a GGUF of the same weights; its tok/s."""
+    cmd = [binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(new_tokens), "-r", "1", "-o", "json"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()[-300:]}")
+    (row,) = [r for r in json.loads(done.stdout) if r["n_gen"] > 0]
+    return row["avg_ts"]
+
+
+def compare_llama_cpp(eng, prompts, outs, binary: str, gguf: str, weight_bytes: int, device, rng: random.Random,
+                      rounds: int) -> dict:
+    """The bar on CPU, measured in the same run: llama.cpp's decode and ours, taking turns
+    (`rounds` each; who goes first alternates), the read bandwidth measured around every turn, so
+    each engine's fraction of the roofline is against the reads of its own seconds (a VM's
+    bandwidth changes from one minute to the next, for both). Ours: the decode workload's request
+    again (look-alike prompts); llama.cpp: the same number of new tokens, from an empty context."""
+    buffer, n = read_buffer(device), outs[0]
+    turns = {"ours": [], "llama_cpp": []}
+    run = {"ours": lambda: run_ours(eng, lookalike(rng, prompts), outs)["decode_tok_s"],
+           "llama_cpp": lambda: llama_bench_tok_s(binary, gguf, n, torch.get_num_threads())}
+    for i in range(rounds):
+        for name in ("ours", "llama_cpp") if i % 2 == 0 else ("llama_cpp", "ours"):
+            before = memory_read_gbps(device, buffer)
+            tok_s = run[name]()
+            turns[name].append((tok_s, (before + memory_read_gbps(device, buffer)) / 2))
+    result = {"gguf": gguf, "rounds": rounds}
+    for name, samples in turns.items():
+        result[f"{name}_decode_tok_s"] = round(sum(t for t, _ in samples) / rounds, 2)
+        result[f"{name}_fraction_of_roofline"] = round(sum(t * weight_bytes / 1e9 / r for t, r in samples) / rounds, 3)
+    result["speedup_vs_llama_cpp"] = round(result["ours_decode_tok_s"] / result["llama_cpp_decode_tok_s"], 3)
+    return result
+
+
 def warm_up_compiled(eng, wl: dict, names, rng: random.Random) -> None:
     """--compile builds a graph per token-count bucket on first use (a minute or more each):
     build the ones the timed workloads use first. Each workload once (look-alike prompts) with two
@@ -326,6 +370,9 @@ def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
             r["roofline_tok_s"] = round(decode_roof, 2)
             r["fraction_of_roofline"] = round(r["decode_tok_s"] / decode_roof, 3)
             r.update(paired_decode_fraction(eng, prompts, outs, result["weight_bytes"], device, warm_rng))
+            if result["dtype"] in args.gguf:
+                r["llama_cpp"] = compare_llama_cpp(eng, prompts, outs, args.llama_bench, args.gguf[result["dtype"]],
+                                                   result["weight_bytes"], device, warm_rng, 2 if args.quick else 6)
         if name == "prefill":
             r["roofline_tok_s"] = round(prefill_roof, 1)
             r["fraction_of_roofline"] = round(r["prefill_tok_s"] / prefill_roof, 3)
@@ -406,6 +453,11 @@ def print_table(doc: dict) -> None:
             if "fraction_of_roofline_paired" in w:
                 notes += (f"; paired with reads between its steps: {100 * w['fraction_of_roofline_paired']:.0f}% "
                           f"(reads {min(w['memory_read_gb_s_paired'])}-{max(w['memory_read_gb_s_paired'])} GB/s)")
+            if "llama_cpp" in w:
+                lc = w["llama_cpp"]
+                notes += (f"; taking turns with llama.cpp: {lc['ours_decode_tok_s']} vs {lc['llama_cpp_decode_tok_s']} tok/s "
+                          f"({lc['speedup_vs_llama_cpp']}x), {100 * lc['ours_fraction_of_roofline']:.0f}% vs "
+                          f"{100 * lc['llama_cpp_fraction_of_roofline']:.0f}% of the roofline")
             if name == "prefix":
                 notes = f"{w['prefix_cache_hit_tokens']} tokens from the cache; without it {w['no_prefix_cache_output_tok_s']} tok/s"
             if name == "mixed":
@@ -432,6 +484,10 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time reported as startup)")
     p.add_argument("--compare-hf", action="store_true", help="run transformers generate on the same requests")
     p.add_argument("--quick", action="store_true", help="smaller workloads")
+    p.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench: its batch-1 decode on --gguf, "
+                   "taking turns with ours in the decode workload")
+    p.add_argument("--gguf", action="append", default=[], metavar="DTYPE=FILE",
+                   help="the model as a GGUF for --llama-bench, per dtype (float32=demo-f32.gguf); repeatable")
     p.add_argument("--speculative", action="store_true", help="also measure speculative decoding on the decode workload")
     p.add_argument("--draft-model", default=None, help="draft for --speculative (default: the built-in early-exit draft)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
@@ -442,6 +498,21 @@ def main(argv=None) -> int:
     bad = [w for w in args.workloads if w not in ("decode", "prefill", "mixed", "prefix")]
     if bad:
         print(f"error: unknown workload {bad[0]!r} (allowed: decode, prefill, mixed, prefix)", file=sys.stderr)
+        return 2
+    ggufs = {}
+    for item in args.gguf:
+        dtype, _, path = item.partition("=")
+        if dtype not in ("float32", "bfloat16", "float16") or not path:
+            print(f"error: --gguf {item!r}: expected DTYPE=FILE, DTYPE one of float32, bfloat16, float16", file=sys.stderr)
+            return 2
+        if not os.path.isfile(path):
+            print(f"error: --gguf {item!r}: no such file {path!r}", file=sys.stderr)
+            return 2
+        ggufs[dtype] = path
+    args.gguf = ggufs
+    if bool(args.llama_bench) != bool(ggufs) or (args.llama_bench and not os.access(args.llama_bench, os.X_OK)):
+        print(f"error: --llama-bench {args.llama_bench!r} and --gguf {list(ggufs.values())}: "
+              "an executable llama-bench and at least one --gguf go together", file=sys.stderr)
         return 2
     if args.num_speculative_tokens < 1:
         print(f"error: --num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}", file=sys.stderr)

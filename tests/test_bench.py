@@ -80,3 +80,36 @@ def test_freeing_compiled_code_lets_the_frozen_weights_go():
     del eng
     B.free_compiled_code()
     assert weight() is None
+
+
+def test_llama_cpp_takes_turns_with_ours_on_the_decode_workload(tmp_path, capsys):
+    """--llama-bench runs llama.cpp's own benchmark (here a stand-in that records its arguments and
+    answers as llama-bench's JSON does) on the GGUF given for the run's dtype, once a round."""
+    import sys
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+                    "n = int(sys.argv[sys.argv.index('-n') + 1])\n"
+                    "print(json.dumps([{'n_prompt': 0, 'n_gen': n, 'avg_ts': 10.0}]))\n")
+    fake.chmod(0o755)
+    gguf = tmp_path / "tiny-f32.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert B.main(["--model", "tiny", "--quick", "--dtype", "float32", "--workloads", "decode", "--output", "json",
+                   "--llama-bench", str(fake), "--gguf", f"float32={gguf}"]) == 0
+    lc = json.loads(capsys.readouterr().out)["results"][0]["decode"]["llama_cpp"]
+    assert calls.read_text().splitlines() == [f"-m {gguf} -t {torch.get_num_threads()} -p 0 -n 32 -r 1 -o json"] * 2
+    assert lc["rounds"] == 2 and lc["llama_cpp_decode_tok_s"] == 10.0 and lc["ours_decode_tok_s"] > 0
+    assert lc["speedup_vs_llama_cpp"] == round(lc["ours_decode_tok_s"] / 10.0, 3)
+    assert 0 < lc["llama_cpp_fraction_of_roofline"] and 0 < lc["ours_fraction_of_roofline"]
+
+
+def test_llama_cpp_needs_a_gguf_per_dtype_given_right(tmp_path, capsys):
+    assert B.main(["--gguf", "bf16"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --gguf 'bf16': expected DTYPE=FILE, DTYPE one of float32, "
+                                               "bfloat16, float16")
+    assert B.main(["--gguf", f"bfloat16={tmp_path / 'none.gguf'}"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert B.main(["--gguf", f"bfloat16={tmp_path / 'm.gguf'}"]) == 2          # no --llama-bench to run it
+    assert capsys.readouterr().err.startswith("error: --llama-bench None")
