@@ -177,12 +177,17 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context=None) -> torch.Tensor:
         N = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(N, self.n_heads, self.head_dim))  # (N, H, d)
-        k = self.k_norm(self.k_proj(x).view(N, self.n_kv, self.head_dim))     # (N, H_kv, d)
+        q = self.q_proj(x).view(N, self.n_heads, self.head_dim)               # (N, H, d)
+        k = self.k_proj(x).view(N, self.n_kv, self.head_dim)                  # (N, H_kv, d)
         v = self.v_proj(x).view(N, self.n_kv, self.head_dim)                  # (N, H_kv, d)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.norm_and_rotate(q, k, cos, sin)
         o = attend(q, k, v, self.layer_idx, context)                          # (N, H, d)
         return self.o_proj(o.reshape(N, self.n_heads * self.head_dim))        # (N, hidden)
+
+    def norm_and_rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Qwen3's RMSNorm of every query and key head, then RoPE: what q and k go through between
+        their projections and attention. One method, so that a faster engine can do it in one call."""
+        return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
 
 
 class Qwen3MLP(nn.Module):

@@ -620,9 +620,9 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at
 DECODE_KERNEL_ON = ("cpu",)
 
 
-def build_cpu_kernel(name: str, source: str, function: str, what: str):
+def build_cpu_kernel(name: str, source: str, functions: list[str], what: str):
     """Compile C++ `source` (against ATen) for this CPU and return the Python module exposing
-    `function`, or None where it cannot be built (no C++ compiler or ninja), after one warning
+    `functions`, or None where it cannot be built (no C++ compiler or ninja), after one warning
     naming `what` falls back to torch. The first build takes ~25 s, with a notice on stderr; torch
     keeps the library on disk (~/.cache/torch_extensions) for the next process. The library is
     named after the CPU's vector ISA, so a home directory shared by machines of another kind never
@@ -640,7 +640,7 @@ def build_cpu_kernel(name: str, source: str, function: str, what: str):
     if not built:                                            # say why startup pauses, once per machine
         print(f"compiling {what} for this CPU ({isa}; once, ~25 s)", file=sys.stderr)
     try:
-        return cpp_extension.load_inline(name, source, functions=[function],
+        return cpp_extension.load_inline(name, source, functions=functions,
                                          extra_cflags=flags, extra_ldflags=["-fopenmp"])
     except (OSError, RuntimeError) as e:                     # no compiler, no ninja, a failed build
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -652,7 +652,7 @@ def build_cpu_kernel(name: str, source: str, function: str, what: str):
 def cpu_decode_kernel():
     """The kernel above, compiled for this CPU (see build_cpu_kernel), or None where it cannot be
     built: then decode rows take the gather + SDPA path, same numbers, slower."""
-    return build_cpu_kernel("nano_vllm_paged_decode", DECODE_KERNEL_SOURCE, "paged_decode",
+    return build_cpu_kernel("nano_vllm_paged_decode", DECODE_KERNEL_SOURCE, ["paged_decode"],
                             "04's C++ decode-attention kernel")
 
 

@@ -305,6 +305,57 @@ def test_fused_rms_norm_equals_02s(dtype, shape):
 
 
 @NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 2, 16, 17])                            # 17: past MAX_NUMEL, 02's code
+def test_fused_norm_and_rotate_equals_the_norms_and_02s_rope(dtype, tokens):
+    """One C++ call for q_norm, k_norm and RoPE gives bit for bit what the eager engine's modules
+    give one by one (FusedRMSNorm, then 02's apply_rope: the same roundings, no fused multiply-add),
+    and within rounding what 02's RMSNorm gives."""
+    M = load("02_model")
+    cfg = M.PRESETS["demo"]
+    torch.manual_seed(tokens)
+    attn = M.Qwen3Attention(cfg, 0)
+    attn.q_norm.weight.data, attn.k_norm.weight.data = torch.randn(cfg.head_dim), torch.randn(cfg.head_dim)
+    attn = attn.to(dtype)
+    plain = M.Qwen3Attention.norm_and_rotate(attn, *_qk_cos_sin(M, cfg, tokens, dtype))
+    fused = E.FusedNormRoPEAttention(attn)
+    assert fused.q_proj is attn.q_proj and fused.k_norm is attn.k_norm and fused.layer_idx == 0
+    E.swap_modules(fused, lambda m: type(m) is M.RMSNorm, E.FusedRMSNorm)
+    q, k, cos, sin = _qk_cos_sin(M, cfg, tokens, dtype)
+    one_by_one = M.Qwen3Attention.norm_and_rotate(fused, q, k, cos, sin)    # FusedRMSNorm modules, then apply_rope
+    for got, want, close in zip(fused.norm_and_rotate(q, k, cos, sin), one_by_one, plain):
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got, close, atol=0.05 if dtype == torch.bfloat16 else 1e-5, rtol=0.02)
+
+
+def _qk_cos_sin(M, cfg, tokens: int, dtype):
+    g = torch.Generator().manual_seed(tokens)
+    q = 3 * torch.randn(tokens, cfg.num_attention_heads, cfg.head_dim, generator=g)
+    k = 3 * torch.randn(tokens, cfg.num_key_value_heads, cfg.head_dim, generator=g)
+    cos, sin = M.rope_cos_sin(torch.randint(0, 40000, (tokens,), generator=g), cfg.head_dim, cfg.rope_theta, dtype)
+    return q.to(dtype), k.to(dtype), cos, sin
+
+
+@NEEDS_COMPILER
+def test_fused_norm_and_rotate_leaves_hooked_norms_to_02():
+    """The x-ray hooks q_norm and k_norm: then they must run (02's path), not the fused call."""
+    M = load("02_model")
+    cfg = M.PRESETS["tiny"]
+    fused = E.FusedNormRoPEAttention(M.Qwen3Attention(cfg, 0))
+    seen = []
+    fused.q_norm.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    q, k, cos, sin = _qk_cos_sin(M, cfg, 1, torch.float32)
+    fused.norm_and_rotate(q, k, cos, sin)
+    assert seen == [q.shape]
+
+
+def test_eager_cpu_engine_runs_the_fused_attention():
+    eng = E.LLMEngine(E.EngineConfig(model="tiny", dtype="float32", device="cpu", max_model_len=64))
+    kinds = {type(layer.self_attn) for layer in eng.model.model.layers}
+    assert kinds == ({E.FusedNormRoPEAttention} if E.cpu_rms_norm_kernel() is not None else {load("02_model").Qwen3Attention})
+
+
+@NEEDS_COMPILER
 def test_gemv_kernel_rejects_what_it_was_not_written_for():
     kernel = E.cpu_gemv_kernel()
     with pytest.raises(RuntimeError, match="gemv"):
