@@ -1468,7 +1468,7 @@ CHAPTERS: list[Chapter] = [
     Chapter("Embedding Lookup", text_embedding, diagram_embedding,
             [("02_model.py", "Qwen3ForCausalLM.forward, compute_logits")], demo_embedding, quiz_embedding),
     Chapter("Self-Attention", text_attention, diagram_attention,
-            [("02_model.py", "Qwen3Attention.forward, apply_rope, causal_attention")], demo_attention, quiz_attention),
+            [("02_model.py", "Qwen3Attention.forward, Qwen3Attention.norm_and_rotate, apply_rope, causal_attention")], demo_attention, quiz_attention),
     Chapter("Prefill", text_prefill, diagram_prefill,
             [("engine.py", "ModelRunner.prepare"), ("05_scheduler.py", "Scheduler.schedule")], demo_prefill, quiz_prefill),
     Chapter("KV Cache", text_kv_cache, diagram_kv_cache,
