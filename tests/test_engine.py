@@ -306,23 +306,24 @@ def test_fused_rms_norm_equals_02s(dtype, shape):
 
 @NEEDS_COMPILER
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 2, 16, 17])                            # 17: past MAX_NUMEL, 02's code
-def test_fused_norm_and_rotate_equals_the_norms_and_02s_rope(dtype, tokens):
-    """One C++ call for q_norm, k_norm and RoPE gives bit for bit what the eager engine's modules
-    give one by one (FusedRMSNorm, then 02's apply_rope: the same roundings, no fused multiply-add),
-    and within rounding what 02's RMSNorm gives."""
+@pytest.mark.parametrize("tokens", [1, 2, 16, 300])                           # 300: a prompt, rows over threads
+def test_fused_norm_and_rotate_equals_the_norm_kernel_and_02s_rope(dtype, tokens):
+    """One C++ call for q_norm, k_norm and RoPE gives bit for bit the engine's RMSNorm kernel
+    followed by 02's apply_rope (the same roundings, no fused multiply-add), and within rounding
+    what 02's modules give."""
     M = load("02_model")
     cfg = M.PRESETS["demo"]
     torch.manual_seed(tokens)
     attn = M.Qwen3Attention(cfg, 0)
     attn.q_norm.weight.data, attn.k_norm.weight.data = torch.randn(cfg.head_dim), torch.randn(cfg.head_dim)
     attn = attn.to(dtype)
-    plain = M.Qwen3Attention.norm_and_rotate(attn, *_qk_cos_sin(M, cfg, tokens, dtype))
     fused = E.FusedNormRoPEAttention(attn)
     assert fused.q_proj is attn.q_proj and fused.k_norm is attn.k_norm and fused.layer_idx == 0
-    E.swap_modules(fused, lambda m: type(m) is M.RMSNorm, E.FusedRMSNorm)
     q, k, cos, sin = _qk_cos_sin(M, cfg, tokens, dtype)
-    one_by_one = M.Qwen3Attention.norm_and_rotate(fused, q, k, cos, sin)    # FusedRMSNorm modules, then apply_rope
+    kernel, eps = E.cpu_rms_norm_kernel(), attn.q_norm.eps
+    one_by_one = (M.apply_rope(kernel.rms_norm(q, attn.q_norm.weight, eps), cos, sin),
+                  M.apply_rope(kernel.rms_norm(k, attn.k_norm.weight, eps), cos, sin))
+    plain = M.Qwen3Attention.norm_and_rotate(attn, q, k, cos, sin)
     for got, want, close in zip(fused.norm_and_rotate(q, k, cos, sin), one_by_one, plain):
         assert torch.equal(got, want)
         torch.testing.assert_close(got, close, atol=0.05 if dtype == torch.bfloat16 else 1e-5, rtol=0.02)
