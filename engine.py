@@ -40,8 +40,8 @@ On CPU a decode step is a pass over every weight, so what matters is how fast th
 nn.Linear is swapped for the measured-fastest kernels of its dtype (`use_cpu_linear_kernels`): for
 decode-sized batches a GEMV of our own in C++ (`GEMV_SOURCE`, reading the weights at ~95% of the
 machine's `sum`), for larger ones oneDNN or MKL; what else a decode step runs, the attention
-(store and 04's kernel) and, in eager code, the RMSNorms and each layer's q/k norms with RoPE, is
-one C++ call each;
+(store and 04's kernel) and, in eager code, the RMSNorms and (prompts too) each layer's q/k norms
+with RoPE, is one C++ call each;
 malloc keeps freed memory so activations do not page-fault in every step (`keep_freed_memory_mapped`),
 and the weights and the KV pool live on 2 MiB pages (`huge_page_zeros`, `move_to_huge_pages`).
 `--compile` runs the model through torch.compile (inductor, weights frozen as constants, the
