@@ -508,6 +508,10 @@ def main(argv=None) -> int:
         if not os.path.isfile(path):
             print(f"error: --gguf {item!r}: no such file {path!r}", file=sys.stderr)
             return 2
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":                    # the format's magic: caught here, not minutes later
+                print(f"error: --gguf {item!r}: {path!r} is not a GGUF file", file=sys.stderr)
+                return 2
         ggufs[dtype] = path
     args.gguf = ggufs
     if bool(args.llama_bench) != bool(ggufs) or (args.llama_bench and not os.access(args.llama_bench, os.X_OK)):

@@ -110,6 +110,9 @@ def test_llama_cpp_needs_a_gguf_per_dtype_given_right(tmp_path, capsys):
                                                "bfloat16, float16")
     assert B.main(["--gguf", f"bfloat16={tmp_path / 'none.gguf'}"]) == 2
     assert "no such file" in capsys.readouterr().err
+    (tmp_path / "weights.safetensors").write_bytes(b"{}")
+    assert B.main(["--gguf", f"bfloat16={tmp_path / 'weights.safetensors'}"]) == 2
+    assert capsys.readouterr().err.strip().endswith("is not a GGUF file")
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     assert B.main(["--gguf", f"bfloat16={tmp_path / 'm.gguf'}"]) == 2          # no --llama-bench to run it
     assert capsys.readouterr().err.startswith("error: --llama-bench None")
