@@ -339,7 +339,8 @@ def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
               "memory_read_gb_s": round(reads[0], 1),
               "matmul_gflop_s": round(matmul_gflops(dtype, device), 1),
               "weight_bytes": weight_bytes(eng.model_config, dtype),
-              "decode_attention": "C++ paged kernel" if eng.decode_kernel else "gather + SDPA"}
+              "decode_attention": "C++ paged kernel" if eng.decode_kernel else "gather + SDPA",
+              "prefill_attention": "C++ flash kernel" if eng.prefill_kernel else "SDPA"}
     mc = eng.model_config
     prompt_len = len(wl["prefill"][0][0])
     prefill_roof = result["matmul_gflop_s"] * 1e9 / prefill_flops_per_token(mc, prompt_len)
@@ -458,6 +459,8 @@ def print_table(doc: dict) -> None:
                 notes += (f"; taking turns with llama.cpp: {lc['ours_decode_tok_s']} vs {lc['llama_cpp_decode_tok_s']} tok/s "
                           f"({lc['speedup_vs_llama_cpp']}x), {100 * lc['ours_fraction_of_roofline']:.0f}% vs "
                           f"{100 * lc['llama_cpp_fraction_of_roofline']:.0f}% of the roofline")
+            if name == "prefill":
+                notes = f"attention: {r['prefill_attention']}"
             if name == "prefix":
                 notes = f"{w['prefix_cache_hit_tokens']} tokens from the cache; without it {w['no_prefix_cache_output_tok_s']} tok/s"
             if name == "mixed":

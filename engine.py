@@ -1009,9 +1009,12 @@ class LLMEngine:
         if self.device.type == "cpu":   # the pool on 2 MiB pages: its blocks are gathered from all over it
             self.kv_cache = huge_page_zeros(self.kv_cache.shape, self.dtype)
         # 04's C++ decode kernel takes this model's decode rows: built (~25 s the first time) or
-        # loaded here, at startup, rather than inside the first step
+        # loaded here, at startup, rather than inside the first step;
         self.decode_kernel = paged.decode_kernel_applies(
             torch.empty(1, mc.num_attention_heads, mc.head_dim, dtype=self.dtype, device=self.device), self.kv_cache[0, 0])
+        # and its C++ prompt kernel (bf16 on a CPU with bf16 dot products) the longer prompt chunks
+        self.prefill_kernel = paged.prefill_kernel_applies(torch.empty(
+            paged.PREFILL_KERNEL_MIN_ROWS, mc.num_attention_heads, mc.head_dim, dtype=self.dtype, device=self.device))
         self.block_manager = paged.BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = sched.Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.block_manager, self.kv_cache, self.device, max_blocks_per_seq,

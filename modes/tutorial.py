@@ -794,7 +794,12 @@ Prefill multiplies each weight matrix by a matrix of N tokens: the weights are r
 rows of work, so it is limited by arithmetic and runs many tokens per second. A long prompt is cut
 into chunks under the step's token budget (max_num_batched_tokens, {q.budget} by default): chunked
 prefill. Each chunk attends to the chunks before it through the cache, and decodes of other
-requests ride along in the same steps instead of stalling behind a long prompt."""
+requests ride along in the same steps instead of stalling behind a long prompt.
+
+Attention is the one part of prefill whose work grows with N squared. In bf16 on a CPU with bf16
+dot-product instructions, a chunk of 32 tokens or more runs 04_paged_attention.py's flash kernel:
+32 positions' queries against 64 keys at a time, scores kept in fp32, an online softmax, so the
+N x N matrix never exists; elsewhere torch's SDPA does the same job."""
 
 
 def diagram_prefill(L: Lesson) -> str:
@@ -1470,7 +1475,8 @@ CHAPTERS: list[Chapter] = [
     Chapter("Self-Attention", text_attention, diagram_attention,
             [("02_model.py", "Qwen3Attention.forward, Qwen3Attention.norm_and_rotate, apply_rope, causal_attention")], demo_attention, quiz_attention),
     Chapter("Prefill", text_prefill, diagram_prefill,
-            [("engine.py", "ModelRunner.prepare"), ("05_scheduler.py", "Scheduler.schedule")], demo_prefill, quiz_prefill),
+            [("engine.py", "ModelRunner.prepare"), ("05_scheduler.py", "Scheduler.schedule"),
+             ("04_paged_attention.py", "PREFILL_KERNEL_SOURCE")], demo_prefill, quiz_prefill),
     Chapter("KV Cache", text_kv_cache, diagram_kv_cache,
             [("03_kv_cache.py", "KVCache.attend, greedy_steps")], demo_kv_cache, quiz_kv_cache),
     Chapter("Decode", text_decode, diagram_decode,

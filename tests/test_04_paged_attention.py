@@ -196,6 +196,70 @@ def test_kernel_that_cannot_be_built_falls_back_with_a_warning(monkeypatch):
         assert P.cpu_decode_kernel.__wrapped__() is None
 
 
+@pytest.fixture
+def prefill_kernel():
+    if P.cpu_prefill_kernel() is None:
+        pytest.skip("the prompt kernel needs a CPU with AVX512-BF16 and a C++ compiler")
+    return P.cpu_prefill_kernel()
+
+
+def chunk_reference(q, k, v):
+    """q (m, H, d) the LAST m positions of k/v (n, n_kv, d), in float64: (m, H, d)."""
+    m, n, g = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
+    mask = torch.arange(n)[None, :] <= torch.arange(n - m, n)[:, None]                  # (m, n)
+    k, v = (x.double().repeat_interleave(g, 1).transpose(0, 1) for x in (k, v))             # (H, n, d)
+    return F.scaled_dot_product_attention(q.double().transpose(0, 1), k, v, attn_mask=mask).transpose(0, 1)
+
+
+@pytest.mark.parametrize("H,n_kv,d", [(16, 8, 128), (32, 8, 128), (8, 8, 64), (4, 1, 64)])
+@pytest.mark.parametrize("m,n", [(32, 32), (33, 33), (100, 100), (300, 300), (40, 200), (65, 1000)])
+def test_prefill_kernel_is_as_close_to_exact_attention_as_sdpa(prefill_kernel, H, n_kv, d, m, n):
+    """bf16 causal attention of a chunk after n - m earlier positions, against float64: the kernel's
+    error is SDPA's (both round the probabilities and the output to bf16), on peaked scores where a
+    key read past a row's position, a wrong row or a lost rescale would show. Inputs are strided
+    views, as the engine passes them."""
+    g = torch.Generator().manual_seed(m * n + H)
+    q = (4 * torch.randn(m, H + 2, d, generator=g)).bfloat16()[:, 1:H + 1]           # rows not contiguous
+    k, v = (torch.randn(n_kv, n, d, generator=g).bfloat16().transpose(0, 1) for _ in range(2))   # head-major
+    out = prefill_kernel.causal_attention(q, k, v)
+    assert out.shape == (m, H, d) and out.dtype == torch.bfloat16
+    ref = chunk_reference(q, k, v)
+    mask = torch.arange(n)[None, :] <= torch.arange(n - m, n)[:, None]
+    sdpa = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                          attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+    err, sdpa_err = (out.double() - ref).abs().max().item(), (sdpa.double() - ref).abs().max().item()
+    assert err <= 1.25 * sdpa_err + 1e-3, (err, sdpa_err)
+
+
+def test_prefill_kernel_rejects_what_it_was_not_written_for(prefill_kernel):
+    q, k = torch.randn(40, 4, 64).bfloat16(), torch.randn(40, 2, 64).bfloat16()
+    for args in ((q.float(), k.float(), k.float()), (q[:, :, :32], k[:, :, :32], k[:, :, :32]), (q, k[:30], k[:30])):
+        with pytest.raises(RuntimeError, match="causal_attention"):
+            prefill_kernel.causal_attention(*args)
+
+
+def test_paged_prefill_takes_the_kernel_for_long_chunks(prefill_kernel, monkeypatch):
+    """Through the block tables, NaN in every other slot: fresh prompts (their own k/v) and chunks
+    after a cached prefix (gathered) give the dense answer; a chunk under PREFILL_KERNEL_MIN_ROWS
+    goes to SDPA. The kernel is seen to run."""
+    lens, q_lens = [200, 64, 90, 45], [40, 64, 90, 5]
+    seqs, kc, vc, bt, ctx = paged_layout(lens, q_lens, 16, 8, 128, 16, dtype=torch.bfloat16, seed=9)
+    q = torch.cat([s[0][-m:] for s, m in zip(seqs, q_lens)])
+    calls = []
+    monkeypatch.setattr(P, "cpu_prefill_kernel", lambda: SimpleNamespace(
+        causal_attention=lambda q, k, v: calls.append(q.shape[0]) or prefill_kernel.causal_attention(q, k, v)))
+    gathered = P.paged_prefill_attention(q, kc, vc, torch.tensor([0] + q_lens).cumsum(0), ctx, bt)
+    assert sorted(calls) == [40, 64, 90]
+    plan = P._step_plan(bt, ctx, torch.tensor(q_lens), 16, 8, step_kv=True)    # as in a step: own k/v at hand
+    assert [seq.own for seq in plan.seqs] == [False, True, True, False]
+    k, v = (torch.cat([s[i][-m:] for s, m in zip(seqs, q_lens)]) for i in (1, 2))
+    own = P._attend_per_sequence(q, k, v, kc, vc, plan)
+    assert sorted(calls) == [40, 40, 64, 64, 90, 90]
+    ref = torch.cat([dense_reference(*s[:3])[-m:] for s, m in zip(seqs, q_lens)])
+    for out in (gathered, own):
+        torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
 def test_store_kvcache_writes_exactly_the_slots():
     kc = torch.zeros(4, 2, 4, 3)                             # (blocks, n_kv, block_size, d)
     vc = torch.zeros_like(kc)

@@ -17,6 +17,7 @@ def test_tiny_run_reports_rooflines_and_cache_identity(capsys):
     (r,) = doc["results"]
     assert r["dtype"] == "float32" and r["memory_read_gb_s"] > 0 and r["matmul_gflop_s"] > 0
     assert r["decode_attention"] == ("C++ paged kernel" if shutil.which("c++") else "gather + SDPA")
+    assert r["prefill_attention"] == "SDPA"                      # fp32: the prompt kernel is bf16's
     assert len(r["memory_read_gb_s_samples"]) == 2 and r["memory_read_gb_s"] == max(r["memory_read_gb_s_samples"])
     for name in ("decode", "prefill"):
         w = r[name]
