@@ -823,7 +823,8 @@ static inline void softmax_row(float* s, int64_t valid, float scale, float& m, f
 // position n - m + i sees keys 0 .. n - m + i. Returns (m, H, d).
 at::Tensor causal_attention(at::Tensor q, at::Tensor k, at::Tensor v) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && q.scalar_type() == at::kBFloat16 &&
-              k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16, "causal_attention: bf16 q (m, H, d), k/v (n, n_kv, d)");
+              k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && q.is_cpu() && k.is_cpu() &&
+              v.is_cpu(), "causal_attention: bf16 q (m, H, d), k/v (n, n_kv, d) on the CPU");
   const int64_t m = q.size(0), H = q.size(1), d = q.size(2), n = k.size(0), n_kv = k.size(1);
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && k.size(2) == d && d % 64 == 0 &&
               H % n_kv == 0 && 1 <= m && m <= n, "causal_attention: unsupported shapes or strides");

@@ -42,6 +42,7 @@ decode-sized batches a GEMV of our own in C++ (`GEMV_SOURCE`, reading the weight
 machine's `sum`), for larger ones oneDNN or MKL; what else a decode step runs, the attention
 (store and 04's kernel) and, in eager code, the RMSNorms and (prompts too) each layer's q/k norms
 with RoPE, is one C++ call each;
+bf16 prompt chunks attend through 04's flash kernel where the CPU has bf16 dot products;
 malloc keeps freed memory so activations do not page-fault in every step (`keep_freed_memory_mapped`),
 and the weights and the KV pool live on 2 MiB pages (`huge_page_zeros`, `move_to_huge_pages`).
 `--compile` runs the model through torch.compile (inductor, weights frozen as constants, the
