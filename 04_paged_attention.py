@@ -416,8 +416,9 @@ GATHER_WHOLE_STEP_ON = ("cuda",)
 
 def _attend_per_sequence(q, k, v, k_cache, v_cache, plan, kernel: bool = True):
     """q (N, H, d) and the step's own k/v (N, n_kv, d; None: every sequence reads the cache) ->
-    (N, H, d): each sequence's blocks gathered, then one fused SDPA per sequence; decode rows
-    go to the kernel below instead where it applies (kernel=False: never)."""
+    (N, H, d): each sequence's blocks gathered, then one fused SDPA per sequence; decode rows go
+    to the decode kernel below, and prompt chunks of PREFILL_KERNEL_MIN_ROWS or more to the prompt
+    kernel, where they apply (kernel=False: neither)."""
     with sdpa_kernel(NO_CUDNN) if q.is_cuda else contextlib.nullcontext():
         return _attend_each(q, k, v, k_cache, v_cache, plan, kernel)
 
