@@ -40,6 +40,7 @@ reference every later file is tested against.
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import math
 import os
@@ -337,51 +338,102 @@ def download_model(repo_id: str, revision: str = "main", cache_dir: str | None =
                               f"from the Hugging Face Hub ({type(e).__name__})") from None
 
 
-def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder, single file or sharded (model.safetensors.index.json)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def safetensors_files(path: str) -> list[str]:
+    """The checkpoint's weight files: model.safetensors, or the shards model.safetensors.index.json lists."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+            names = sorted(set(json.load(f)["weight_map"].values()))
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
+        names = ["model.safetensors"]
     else:
         raise CheckpointError(f"{path!r} has no model.safetensors or model.safetensors.index.json")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        file = os.path.join(path, name)
+    files = [os.path.join(path, name) for name in names]
+    for file in files:
         if not os.path.isfile(file):
-            raise CheckpointError(f"shard {name} listed in the index is missing from {path!r}")
+            raise CheckpointError(f"shard {os.path.basename(file)} listed in the index is missing from {path!r}")
+    return files
+
+
+# The element types a safetensors header names, as torch dtypes.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+CHUNK_BYTES = 16 * 2**20      # a dtype-converting read goes through a buffer of this size
+
+
+def read_safetensors(path: str, destination):
+    """Read every tensor of a checkpoint folder into place: destination(file, name, shape, dtype)
+    returns the tensor to fill (or None to skip this one).
+
+    A safetensors file is an 8-byte little-endian header length, a JSON header ({name: {dtype,
+    shape, data_offsets}}) and the raw bytes of every tensor. Each tensor is read with plain file
+    reads straight into its destination (through a small buffer when its dtype changes on the
+    way), so loading holds one copy of the weights: reading through a memory map instead keeps
+    the file's pages resident next to the weights until the file is closed."""
+    import numpy as np   # a writable buffer view of a tensor's bytes, for readinto
+    for file in safetensors_files(path):
         try:
-            tensors.update(load_file(file))
-        except (SafetensorError, OSError, ValueError) as e:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 2 <= size <= os.path.getsize(file) - 8:
+                    raise ValueError(f"a header of {size} bytes does not fit the file")
+                header = json.loads(f.read(size))
+                base = 8 + size
+                for name, entry in header.items():
+                    if name == "__metadata__":
+                        continue
+                    dtype, (start, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["data_offsets"]
+                    shape = torch.Size(entry["shape"])
+                    if end - start != shape.numel() * dtype.itemsize:
+                        raise ValueError(f"tensor {name}: {end - start} bytes for shape {list(shape)} of {entry['dtype']}")
+                    out = destination(file, name, shape, dtype)
+                    if out is None:
+                        continue
+                    f.seek(base + start)
+                    direct = out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
+                    flat = out.view(-1)
+                    step = shape.numel() if direct else max(1, CHUNK_BYTES // dtype.itemsize)
+                    for i in range(0, shape.numel(), step):
+                        part = flat[i:i + step] if direct else torch.empty(min(step, shape.numel() - i), dtype=dtype)
+                        view = memoryview(np.asarray(part.view(torch.uint8)))
+                        if f.readinto(view) != len(view):
+                            raise ValueError(f"tensor {name}: the file ends early")
+                        if not direct:
+                            flat[i:i + len(part)].copy_(part)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:   # JSON and header errors among them
             raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
-    return tensors
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> Qwen3ForCausalLM:
-    """Build the model from a local HF folder, checking every tensor's name and shape."""
+def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", allocate=None) -> Qwen3ForCausalLM:
+    """Build the model from a local HF folder, checking every tensor's name and shape.
+
+    The model is built on the meta device (shapes, no memory), its weights are allocated once in
+    the run's dtype - by allocate(shapes: {name: shape}, dtype) -> {name: tensor} where given (the
+    engine puts them on huge pages), else torch.empty on the device - and each checkpoint tensor
+    is copied into its place as it is read, converting its dtype on the way. Peak memory: the
+    weights plus one tensor."""
     cfg = load_config(path)
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg)
-    expected = {n: p.shape for n, p in model.named_parameters()}  # tied: lm_head.weight is not listed
-    tensors = read_safetensors(path)
-    if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # some tied checkpoints still store the copy
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    shapes = {n: p.shape for n, p in model.named_parameters()}  # tied: lm_head.weight is not listed
+    weights = (allocate or (lambda s, dt: {n: torch.empty(shape, dtype=dt, device=device) for n, shape in s.items()}))(shapes, dtype)
+    seen = set()
+
+    def destination(file, name, shape, _):
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            return None  # some tied checkpoints still store the copy
+        if name not in shapes:
+            raise CheckpointError(f"checkpoint {path!r} has unexpected tensor(s): {name}")
+        if shape != shapes[name]:
+            raise CheckpointError(f"tensor {name} in {file} has shape {tuple(shape)}, the config needs {tuple(shapes[name])}")
+        seen.add(name)
+        return weights[name]
+    read_safetensors(path, destination)
+    missing = sorted(set(shapes) - seen)
     if missing:
         raise CheckpointError(f"checkpoint {path!r} is missing tensor(s): {', '.join(missing[:5])}")
-    if unexpected:
-        raise CheckpointError(f"checkpoint {path!r} has unexpected tensor(s): {', '.join(unexpected[:5])}")
-    for name, shape in expected.items():
-        if tensors[name].shape != shape:
-            raise CheckpointError(f"tensor {name} in {path!r} has shape {tuple(tensors[name].shape)}, "
-                                  f"the config needs {tuple(shape)}")
-    model.load_state_dict({n: t.to(device=device, dtype=dtype) for n, t in tensors.items()},
-                          strict=False, assign=True)
+    model.load_state_dict(weights, strict=False, assign=True)
     if cfg.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
@@ -411,8 +463,8 @@ def hf_config_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict:
     return d
 
 
-def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Random fp32 weights in HF names.
+def random_tensors(cfg: ModelConfig, seed: int):
+    """Random fp32 weights in HF names, yielded one at a time (name, tensor) in the model's order.
 
     Embedding and lm_head ~ N(0, 0.02); the layers' linear weights ~ N(0, 1/fan_in), so every
     layer changes the residual stream as much as the embedding does (with 0.02 a small model
@@ -423,44 +475,52 @@ def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in Qwen3ForCausalLM(cfg).named_parameters()}
-    sd = {}
     for name, shape in shapes.items():
         if name.endswith("norm.weight"):
-            sd[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+            if name == "model.norm.weight":
+                t *= 8.0 / (0.02 * math.sqrt(cfg.hidden_size))
         elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-            sd[name] = 0.02 * torch.randn(shape, generator=g)
+            t = 0.02 * torch.randn(shape, generator=g)
         else:
-            sd[name] = torch.randn(shape, generator=g) / math.sqrt(shape[1])
-    sd["model.norm.weight"] *= 8.0 / (0.02 * math.sqrt(cfg.hidden_size))
-    return sd
+            t = torch.randn(shape, generator=g) / math.sqrt(shape[1])
+        yield name, t
+
+
+def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """All of random_tensors at once (for a model in memory, as the tests build)."""
+    return dict(random_tensors(cfg, seed))
 
 
 def make_random_checkpoint(folder: str, preset: str = "tiny", seed: int = 0, dtype: str = "bfloat16",
                            shard_bytes: int | None = None) -> str:
     """Write a real HF-layout checkpoint with random weights: config.json, model.safetensors
-    (or shards + index when `shard_bytes` is given), generation_config.json and the tokenizer."""
+    (or shards + index when `shard_bytes` is given), generation_config.json and the tokenizer.
+    Tensors are made shard by shard, so writing holds one shard in memory, not the model."""
     from safetensors.torch import save_file
     cfg = PRESETS[preset]
     os.makedirs(folder, exist_ok=True)
-    sd = {n: t.to(DTYPES[dtype]).contiguous() for n, t in random_state_dict(cfg, seed).items()}
-    if shard_bytes is None:
-        save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        shards, current, size = [], {}, 0
-        for name, t in sd.items():
-            if current and size + t.nbytes > shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[name] = t
-            size += t.nbytes
-        shards.append(current)
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(folder, fname), metadata={"format": "pt"})
-            weight_map.update({n: fname for n in shard})
+    with torch.device("meta"):
+        sizes = {n: p.numel() * DTYPES[dtype].itemsize for n, p in Qwen3ForCausalLM(cfg).named_parameters()}
+    shards, size = [[]], 0                                 # tensor names, shard by shard
+    for name, nbytes in sizes.items():
+        if shard_bytes is not None and shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    tensors = random_tensors(cfg, seed)
+    files = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for names, fname in zip(shards, files):
+        shard = {}
+        for name, t in itertools.islice(tensors, len(names)):
+            shard[name] = t.to(DTYPES[dtype]).contiguous()
+        save_file(shard, os.path.join(folder, fname), metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {name: fname for names, fname in zip(shards, files) for name in names}
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": sum(t.nbytes for t in sd.values())}, "weight_map": weight_map}, f, indent=2)
+            json.dump({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config_dict(cfg, dtype), f, indent=2)
     with open(os.path.join(folder, "generation_config.json"), "w") as f:
@@ -478,12 +538,16 @@ def cache_root() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nano-vllm-py")
 
 
+# Presets are written in shards of at most this size: writing one holds a shard in memory, not the model.
+PRESET_SHARD_BYTES = 2**29
+
+
 def preset_checkpoint(preset: str, seed: int = 0) -> str:
     """The folder of a random preset checkpoint, written once and reused (atomically renamed into place)."""
     folder = os.path.join(cache_root(), f"{preset}-seed{seed}")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         tmp = f"{folder}.tmp{os.getpid()}"
-        make_random_checkpoint(tmp, preset, seed)
+        make_random_checkpoint(tmp, preset, seed, shard_bytes=PRESET_SHARD_BYTES)
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         try:
             os.rename(tmp, folder)
