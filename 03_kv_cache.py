@@ -175,11 +175,18 @@ def generate_with_cache(model: M.Qwen3ForCausalLM, prompt_ids: list[int], max_ne
 # ----------------------------------------------------------------------------- demo
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
+def fmt_bytes(n: float, sep: str = " ") -> str:
+    """Binary units, trailing zeros dropped: 1536 -> '1.5 KiB', 114688 -> '112 KiB', 2064384 -> '1.97 MiB'
+    (one decimal for KiB, two for MiB and GiB). The teaching modes (modes/) print sizes with it too;
+    sep="\u00a0" (a no-break space) keeps number and unit on one line when text is wrapped."""
+    for unit, digits in (("B", 0), ("KiB", 1), ("MiB", 2), ("GiB", 2)):
         if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            number = f"{n:.{digits}f}"
+            if digits:
+                number = number.rstrip("0").rstrip(".")
+            return f"{number}{sep}{unit}"
         n /= 1024
+    raise AssertionError("unreachable: GiB takes any size")
 
 
 def main() -> None:

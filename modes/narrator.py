@@ -42,18 +42,10 @@ from dataclasses import dataclass, field
 
 from rich.text import Text
 
+from modes.common import NBSP, fmt_bytes, token_piece
+
 MARK, TEXT_MARK, HEAD_MARK = "» ", "│ ", "── "
-TIMES = "\u00a0×\u00a0"        # "13 × 112 KiB" with no-break spaces: never wrapped apart
-
-
-def fmt_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB', 114688 -> '112 KiB', 2064384 -> '1.97 MiB' (binary units; one decimal for KiB,
-    two for MiB and GiB; a no-break space keeps number and unit on one line)."""
-    for unit, digits in (("B", 0), ("KiB", 1), ("MiB", 2), ("GiB", 2)):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.{digits}f}".rstrip("0").rstrip(".") + f"\u00a0{unit}" if digits else f"{n:.0f}\u00a0B"
-        n /= 1024
-    raise AssertionError
+TIMES = f"{NBSP}×{NBSP}"        # "13 × 112 KiB" with no-break spaces: never wrapped apart
 
 
 def fmt_ids(ids, limit: int = 8) -> str:
@@ -70,18 +62,6 @@ def fmt_span(start: int, end: int) -> str:
 
 def plural(n: int, word: str, words: str | None = None) -> str:
     return f"{n} {word if n == 1 else (words or word + 's')}"
-
-
-def token_piece(tokenizer, token_id: int) -> str:
-    """How one token reads: special tokens as themselves, others quoted (a partial UTF-8 byte as <0xE6>)."""
-    if token_id >= getattr(tokenizer, "vocab_size", float("inf")):
-        return "<unused>"           # Qwen3's embedding has 151936 rows for 151669 tokens: padding ids
-    s = tokenizer.decode([token_id], skip_special_tokens=False)
-    if "\ufffd" in s and hasattr(tokenizer, "token_bytes"):
-        return "".join(f"<0x{b:02X}>" for b in tokenizer.token_bytes(token_id))
-    if s.startswith("<") and s.endswith(">") and len(s) > 2 and " " not in s:
-        return s
-    return repr(s).replace(" ", "\u00a0")   # no-break spaces: a line is never wrapped inside a token
 
 
 def visible(text: str) -> str:
@@ -185,7 +165,7 @@ class Narrator:
 
     def _on_tokenized(self, request_id, text, token_ids, **_):
         n = len(token_ids)
-        pieces = " · ".join(f"{i} {token_piece(self.tok, i)}" for i in token_ids[:12])
+        pieces = " · ".join(f"{i} {token_piece(self.tok, i, NBSP)}" for i in token_ids[:12])
         more = f" · ... ({n - 12} more)" if n > 12 else ""
         self._heading(f"request {request_id}")
         self._say(f"Request {request_id} arrives: its {len(text)} characters are split by byte-level BPE into "
@@ -305,8 +285,8 @@ class Narrator:
             parts.append((rid, end - start, span, where))
             if end < r.num_tokens:
                 chunked.append(f"request {rid} has {end} of its {r.num_tokens} tokens computed")
-        kv_all = (f"their keys and values — {num_tokens}{TIMES}{fmt_bytes(kv)} = "
-                  f"{fmt_bytes(num_tokens * kv)} —")
+        kv_all = (f"their keys and values — {num_tokens}{TIMES}{fmt_bytes(kv, NBSP)} = "
+                  f"{fmt_bytes(num_tokens * kv, NBSP)} —")
         what = "prompt tokens" if all(not self._req(rid).tokens for rid, _, _ in chunks) else "tokens"
         if len(parts) == 1:
             (rid, n, span, where), = parts
@@ -361,14 +341,14 @@ class Narrator:
             self._say(f"Step {step} decodes: request {rid} feeds its newest token (position {pos}) through all "
                       f"{layers} layers. Its query attends to {pos + 1} keys — the {pos} earlier ones read from "
                       f"the paged cache through the block table, and its own — and its key and value "
-                      f"({fmt_bytes(kv)}) are written to {slots[0]}.")
+                      f"({fmt_bytes(kv, NBSP)}) are written to {slots[0]}.")
         else:
             where = ", ".join(f"{slot} (request {rid})" for slot, rid in zip(slots, request_ids))
             more = f" and {len(request_ids) - 4} more" if len(request_ids) > 4 else ""
             self._say(f"Step {step} decodes a batch of {len(request_ids)} sequences, one new token each "
                       f"({self._who(request_ids, positions)}), through all {layers} layers in one pass. Each query "
                       f"attends to its own sequence's earlier keys, read from the paged cache through its block "
-                      f"table; the new keys and values ({len(request_ids)}{TIMES}{fmt_bytes(kv)}) are written to "
+                      f"table; the new keys and values ({len(request_ids)}{TIMES}{fmt_bytes(kv, NBSP)}) are written to "
                       f"{where}{more}.")
 
     def _on_sampled(self, request_id, token_id, prob, top, position, greedy, **_):
@@ -379,15 +359,15 @@ class Narrator:
         first = len(r.tokens) == 1
         if request_id in self.spec_narrated or not (first or (self.step_full and self.decode_steps <= self.full_steps)):
             return
-        others = " · ".join(f"{token_piece(self.tok, t)} {p:.3f}" for t, p in top if t != token_id)
+        others = " · ".join(f"{token_piece(self.tok, t, NBSP)} {p:.3f}" for t, p in top if t != token_id)
         if greedy:
             how = f"the most likely of {self.mc.vocab_size:,} (greedy)"
         else:
             rank = next((i + 1 for i, (t, _) in enumerate(top) if t == token_id), None)
             how = (f"drawn at random ({'rank ' + str(rank) if rank else 'outside the top ' + str(len(top))} "
                    f"by probability)")
-        self._say(f"Request {request_id} -> token {token_id} {token_piece(self.tok, token_id)} with p = {prob:.3f}, "
-                  f"{how}; next in line: {others}. It will sit at position {position}"
+        self._say(f"Request {request_id} -> token {token_id} {token_piece(self.tok, token_id, NBSP)} "
+                  f"with p = {prob:.3f}, {how}; next in line: {others}. It will sit at position {position}"
                   f"{' (its first generated token)' if first else ''}.")
 
     def _on_step_done(self, step, seconds, num_tokens, num_seqs, num_used_blocks, num_free_blocks, running,
@@ -400,7 +380,7 @@ class Narrator:
         if self.step_full:
             self._say(f"Step {step} took {seconds * 1e3:.1f} ms for {plural(num_tokens, 'token')} of "
                       f"{plural(num_seqs, 'sequence')}; KV pool: {num_used_blocks} of {total} blocks in use "
-                      f"({fmt_bytes(num_used_blocks * self.block_size * self.kv_per_token)}); "
+                      f"({fmt_bytes(num_used_blocks * self.block_size * self.kv_per_token, NBSP)}); "
                       f"{running} running, {waiting} waiting.")
             for rid in dict.fromkeys(self.step_sampled):
                 self._stream_text(rid)
@@ -452,7 +432,7 @@ class Narrator:
         p = r.sampling
         if reason == "stop":
             if last in self.tok.eos_token_ids and not getattr(p, "ignore_eos", False):
-                why = f"stop: it produced {token_piece(self.tok, last)}, an end-of-sequence token"
+                why = f"stop: it produced {token_piece(self.tok, last, NBSP)}, an end-of-sequence token"
             elif last in getattr(p, "stop_token_ids", ()):
                 why = f"stop: it produced token {last}, one of its stop token ids"
             else:
@@ -488,7 +468,7 @@ class Narrator:
                   f"{st['prompt_tokens']} prompt tokens, {e.block_manager.prefix_hit_tokens} tokens served from the "
                   f"prefix cache instead of computed, {st['generated_tokens']} tokens generated; KV pool peak "
                   f"{st['kv_blocks_peak']} of {e.num_kv_blocks} blocks "
-                  f"({fmt_bytes(st['kv_blocks_peak'] * self.block_size * self.kv_per_token)}); "
+                  f"({fmt_bytes(st['kv_blocks_peak'] * self.block_size * self.kv_per_token, NBSP)}); "
                   f"{plural(e.scheduler.num_preemptions, 'preemption')}.")
 
     # ------------------------------------------------------------------ speculative decoding
@@ -512,14 +492,14 @@ class Narrator:
         rule = ("a guess passes only if it is the target's own argmax (greedy: p and q are one-hot, so p 1.00 "
                 "means the target agrees)" if greedy else
                 "a guess x passes with probability min(1, p(x) / q(x))")
-        guesses = " · ".join(f"{token_piece(self.tok, t)} (q {qq:.2f}, p {pp:.2f})"
+        guesses = " · ".join(f"{token_piece(self.tok, t, NBSP)} (q {qq:.2f}, p {pp:.2f})"
                              for t, qq, pp in zip(ids, q, target_probs))
         if bonus:
             outcome = (f"all {k} pass, and the target's logits after the last guess give a bonus token "
-                       f"{token_piece(self.tok, token_id)}: {k + 1} tokens from one target forward")
+                       f"{token_piece(self.tok, token_id, NBSP)}: {k + 1} tokens from one target forward")
         else:
             outcome = (f"{'the first ' + str(a) + ' pass' if a else 'none passes'}; guess {rejected_position + 1} is "
-                       f"rejected and the target's own choice {token_piece(self.tok, token_id)} takes its place: "
+                       f"rejected and the target's own choice {token_piece(self.tok, token_id, NBSP)} takes its place: "
                        f"{plural(a + 1, 'token')} from this step")
         self._say(f"Speculative decoding, request {request_id}: the draft model guessed {plural(k, 'token')} "
                   f"({guesses}); the target scored all of them in this step's single forward over {k + 1} positions, "

@@ -42,6 +42,8 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.text import Text
 
+from modes.common import fmt_bytes
+
 NAV = "n next chapter · b back · q quit"
 PROGRESS_VERSION = 1
 DEFAULT_HUB_MODEL = "Qwen/Qwen3-0.6B"     # run.py's default --model: the tutorial uses `tiny` instead
@@ -95,15 +97,6 @@ def pad(text: str, width: int) -> str:
     return text + " " * max(0, width - cell_len(text))
 
 
-def fmt_bytes(n: float) -> str:
-    """Binary units: 114688 -> '112 KiB', 469762048 -> '448 MiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} B" if unit == "B" else f"{n:.1f}".removesuffix(".0") + f" {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 # ----------------------------------------------------------------------------- chapters and quizzes
 
 
@@ -128,7 +121,8 @@ class Chapter:
     title: str
     text: Callable[[Qwen3], str]
     diagram: Callable[["Lesson"], str]
-    read: list[tuple[str, str]]                  # (file, function or class) to read next
+    read: list[tuple[str, str]]                  # (file, function or class) to read next: the numbered
+                                                 # files first, nano_kernels/ last (after the ladder)
     demo: Callable[["Lesson"], dict]
     quiz: Callable[[Qwen3], list[Question]]
     number: int = 0
@@ -796,10 +790,14 @@ into chunks under the step's token budget (max_num_batched_tokens, {q.budget} by
 prefill. Each chunk attends to the chunks before it through the cache, and decodes of other
 requests ride along in the same steps instead of stalling behind a long prompt.
 
-Attention is the one part of prefill whose work grows with N squared. In bf16 on a CPU with bf16
-dot-product instructions, a chunk of 32 tokens or more runs 04_paged_attention.py's flash kernel:
-32 positions' queries against 64 keys at a time, scores kept in fp32, an online softmax, so the
-N x N matrix never exists; elsewhere torch's SDPA does the same job."""
+Attention is the one part of prefill whose work grows with N squared. 02_model.py's
+causal_attention is the idea: every position against every earlier one, in one SDPA call.
+04_paged_attention.py does the same over the paged cache (PagedContext.attend,
+paged_prefill_attention), so a chunk also sees the keys of the chunks before it. After the ladder,
+nano_kernels/csrc/paged_prefill.cpp is what a chunk of 32 tokens or more runs in bf16 on a CPU with
+bf16 dot-product instructions: a flash kernel, 32 positions' queries against 64 keys at a time,
+scores kept in fp32, an online softmax, so the N x N matrix never exists; elsewhere torch's SDPA
+does the job."""
 
 
 def diagram_prefill(L: Lesson) -> str:
@@ -1152,10 +1150,10 @@ equal prefixes have equal hashes. A new request looks its full blocks up before 
 a hit is shared by reference count and its tokens are skipped. When the last user finishes, a
 cached block keeps its contents and becomes evictable: reused for new data only when the free list
 is empty, least recently used first. Attention then reads K/V through the block table
-(04_paged_attention.py: on a CPU, decode runs one small C++ kernel that follows each table and
-reads the blocks where they lie; otherwise it gathers the blocks and runs one attention per
-sequence; under CUDA graphs, whose shapes are fixed, it gathers whole padded tables and masks the
-slots past the end)."""
+(04_paged_attention.py gathers a sequence's blocks and runs one attention per sequence; under CUDA
+graphs, whose shapes are fixed, it gathers whole padded tables and masks the slots past the end).
+After the ladder, nano_kernels/csrc/paged_decode.cpp is what decode runs on a CPU: one small C++ kernel
+that follows each table and reads the blocks where they lie."""
 
 
 def diagram_paged(L: Lesson) -> str:
@@ -1475,17 +1473,19 @@ CHAPTERS: list[Chapter] = [
     Chapter("Self-Attention", text_attention, diagram_attention,
             [("02_model.py", "Qwen3Attention.forward, Qwen3Attention.norm_and_rotate, apply_rope, causal_attention")], demo_attention, quiz_attention),
     Chapter("Prefill", text_prefill, diagram_prefill,
-            [("engine.py", "ModelRunner.prepare"), ("05_scheduler.py", "Scheduler.schedule"),
-             ("04_paged_attention.py", "PREFILL_KERNEL_SOURCE")], demo_prefill, quiz_prefill),
+            [("02_model.py", "causal_attention"),
+             ("04_paged_attention.py", "PagedContext.attend, paged_prefill_attention"),
+             ("05_scheduler.py", "Scheduler.schedule"), ("engine.py", "ModelRunner.prepare"),
+             ("nano_kernels/csrc/paged_prefill.cpp", "causal_attention")], demo_prefill, quiz_prefill),
     Chapter("KV Cache", text_kv_cache, diagram_kv_cache,
             [("03_kv_cache.py", "KVCache.attend, greedy_steps")], demo_kv_cache, quiz_kv_cache),
     Chapter("Decode", text_decode, diagram_decode,
-            [("engine.py", "LLMEngine.step"), ("05_scheduler.py", "Scheduler.schedule")], demo_decode, quiz_decode),
+            [("05_scheduler.py", "Scheduler.schedule"), ("engine.py", "LLMEngine.step")], demo_decode, quiz_decode),
     Chapter("Sampling", text_sampling, diagram_sampling,
             [("06_sampling.py", "Sampler.process, Sampler.__call__")], demo_sampling, quiz_sampling),
     Chapter("PagedAttention", text_paged, diagram_paged,
-            [("04_paged_attention.py", "BlockManager.allocate, slot_mapping, paged_decode_attention")],
-            demo_paged, quiz_paged),
+            [("04_paged_attention.py", "BlockManager.allocate, slot_mapping, paged_decode_attention"),
+             ("nano_kernels/csrc/paged_decode.cpp", "paged_decode")], demo_paged, quiz_paged),
     Chapter("Speculative Decoding", text_speculative, diagram_speculative,
             [("07_speculative.py", "the accept/reject rule"), ("04_paged_attention.py", "BlockManager.truncate")],
             demo_speculative, quiz_speculative),
@@ -1653,6 +1653,14 @@ def read_answer(console: Console, prompt: str, allow_numbers: bool, chapter: int
         console.print(Text(f"  please type {'1-4, ' if allow_numbers else 'Enter, '}n, b or q", style="yellow"))
 
 
+def reading_list(read: list[tuple[str, str]]) -> str:
+    """'Read next: 02_model.py (causal_attention); ...': the ladder's files, then nano_kernels/ (the C++
+    the engine runs on a CPU) marked as reading for after the ladder."""
+    ladder = "; ".join(f"{file} ({what})" for file, what in read if not file.startswith("nano_kernels/"))
+    after = "; ".join(f"{file} ({what})" for file, what in read if file.startswith("nano_kernels/"))
+    return "Read next: " + ladder + (f"; after the ladder: {after}" if after else "")
+
+
 def show_chapter(L: Lesson, ch: Chapter) -> None:
     c = L.console
     n = len(CHAPTERS)
@@ -1663,7 +1671,7 @@ def show_chapter(L: Lesson, ch: Chapter) -> None:
     c.print()
     c.print(Text(ch.diagram(L), style="green"), soft_wrap=True)
     c.print()
-    L.say("Read next: " + "; ".join(f"{file} ({what})" for file, what in ch.read), "italic")
+    L.say(reading_list(ch.read), "italic")
     c.print()
     c.print(Text("Live demo", style="bold magenta"))
     L.chapter = ch.number

@@ -25,11 +25,12 @@ it is. They are registered only for the steps being x-rayed (on the `prefill`/`d
 such a step) and removed at its `step_done`: the other steps run with no hook at all. The first
 prefill of every request and the first decode step are x-rayed, then every `every`-th decode step.
 
-Attention weights: the attention kernels (04's paged attention, SDPA, FlashAttention) never
-materialise the softmax, so the x-ray recomputes it for the chosen layer: the captured q_norm
-output is rotated with 02's own RoPE at the captured positions, the keys of every position the
-token can see are read (read-only) from the paged KV cache through the sequence's block table,
-and softmax(q k^T / sqrt(d)) @ v is checked against the input the model's o_proj actually got.
+Attention weights: the attention kernels (04's paged attention, the C++ ones in nano_kernels/csrc/,
+SDPA, FlashAttention) never materialise the softmax, so the x-ray recomputes it for the chosen
+layer: the captured q_norm output is rotated with 02's own RoPE at the captured positions, the
+keys of every position the token can see are read (read-only) from the paged KV cache through the
+sequence's block table, and softmax(q k^T / sqrt(d)) @ v is checked against the input the model's
+o_proj actually got.
 
 `needs_eager = True`: hooks do not fire inside a replayed CUDA graph or inside torch.compile'd
 code, so while an observer with this flag is attached the engine runs its steps eagerly.
@@ -47,31 +48,13 @@ import math
 import torch
 from rich.text import Text
 
+from modes.common import fmt_bytes, token_piece
+
 qwen3 = importlib.import_module("02_model")
 paged = importlib.import_module("04_paged_attention")
 
 MARK, HEAD, FOOT = "┃ ", "┏━ x-ray ", "┗━"
 SHOW_SEQS = 4           # per-sequence lines (attention, top-k, block table) for at most this many
-
-
-def fmt_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB', 2064384 -> '1.97 MiB' (as modes/narrator.py writes them)."""
-    for unit, digits in (("B", 0), ("KiB", 1), ("MiB", 2), ("GiB", 2)):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.{digits}f}".rstrip("0").rstrip(".") + f" {unit}" if digits else f"{n:.0f} B"
-        n /= 1024
-    raise AssertionError
-
-
-def piece(tokenizer, token_id: int) -> str:
-    if token_id >= getattr(tokenizer, "vocab_size", float("inf")):
-        return "<unused>"
-    s = tokenizer.decode([token_id], skip_special_tokens=False)
-    if "\ufffd" in s and hasattr(tokenizer, "token_bytes"):
-        return "".join(f"<0x{b:02X}>" for b in tokenizer.token_bytes(token_id))
-    if s.startswith("<") and s.endswith(">") and len(s) > 2 and " " not in s:
-        return s
-    return repr(s)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -357,7 +340,7 @@ class XRay:
             mean = w.mean(0)
             top = mean.topk(min(3, t))
             toks = self.tokens.get(rid, [])
-            label = lambda p: piece(self.tok, toks[p]) if p < len(toks) else "?"  # noqa: E731
+            label = lambda p: token_piece(self.tok, toks[p]) if p < len(toks) else "?"  # noqa: E731
             best = " · ".join(f"pos {p} {label(p)} {x:.2f}" for x, p in zip(top.values.tolist(), top.indices.tolist()))
             check = ""
             if o_in is not None:
@@ -380,17 +363,18 @@ class XRay:
         if logits is None or logits.shape[0] != len(samples):
             for smp in samples[:SHOW_SEQS]:      # fall back on the engine's own top candidates
                 self._out(f"next token [{smp['request_id']}]: " + " · ".join(
-                    f"{piece(self.tok, t)} {p:.3f}" for t, p in smp["top"]) +
-                    f" -> {piece(self.tok, smp['token_id'])}")
+                    f"{token_piece(self.tok, t)} {p:.3f}" for t, p in smp["top"]) +
+                    f" -> {token_piece(self.tok, smp['token_id'])}")
             return
         probs = logits.float().softmax(-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         for i, smp in enumerate(samples[:SHOW_SEQS]):
-            cands = " · ".join(f"{piece(self.tok, t)} {p:.3f}" for t, p in zip(top_i[i].tolist(), top_p[i].tolist()))
+            cands = " · ".join(f"{token_piece(self.tok, t)} {p:.3f}"
+                               for t, p in zip(top_i[i].tolist(), top_p[i].tolist()))
             tid = smp["token_id"]
             how = "greedy" if smp["greedy"] else "sampled"
             self._out(f"next token [{smp['request_id']}] (softmax of {logits.shape[1]:,} logits): {cands} -> "
-                      f"{tid} {piece(self.tok, tid)} ({how}, p = {probs[i, tid].item():.3f})")
+                      f"{tid} {token_piece(self.tok, tid)} ({how}, p = {probs[i, tid].item():.3f})")
         if len(samples) > SHOW_SEQS:
             self._out(f"(and {len(samples) - SHOW_SEQS} more)", style="dim")
 
@@ -407,14 +391,15 @@ class XRay:
             kept = [s["token_id"] for s in self.samples if s["request_id"] == rid]
             if probs is not None and rid in [r for r, *_ in segs[:SHOW_SEQS]]:
                 top_p, top_i = probs[offset:offset + k + 1].max(-1)
-                says = " · ".join(f"{piece(self.tok, t)} {p:.2f}" for t, p in zip(top_i.tolist(), top_p.tolist()))
+                says = " · ".join(f"{token_piece(self.tok, t)} {p:.2f}"
+                                  for t, p in zip(top_i.tolist(), top_p.tolist()))
                 self._out(f"verify [{rid}]: {k + 1} logits rows (the last token + {k} guesses), the target's top-1 "
                           f"at each: {says}")
             if guesses:
                 a = info.get("num_accepted", 0)
-                said = " · ".join(piece(self.tok, t) for t in guesses)
+                said = " · ".join(token_piece(self.tok, t) for t in guesses)
                 self._out(f"  draft guessed {said} -> {a} of {k} accepted{', bonus' if info.get('bonus') else ''}; "
-                          f"kept {' · '.join(piece(self.tok, t) for t in kept)}")
+                          f"kept {' · '.join(token_piece(self.tok, t) for t in kept)}")
             offset += k + 1
 
     def _pool(self, segs, used: int) -> None:

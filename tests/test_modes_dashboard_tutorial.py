@@ -242,6 +242,9 @@ def test_twelve_chapters_in_order_each_with_a_demo_and_a_quiz():
     assert [ch.number for ch in T.CHAPTERS] == list(range(1, 13))
     for ch in T.CHAPTERS:
         assert ch.read and all(os.path.exists(os.path.join(ROOT, f)) for f, _ in ch.read), ch.title
+        # the ladder first: numbered files, then the rest, and nano_kernels/ (after the ladder) last
+        rank = [0 if f[:2].isdigit() else 2 if f.startswith("nano_kernels/") else 1 for f, _ in ch.read]
+        assert rank == sorted(rank), ch.title
 
 
 def test_quiz_answer_keys_are_consistent():

@@ -180,7 +180,8 @@ def test_xray_figures_match_an_independent_computation(tiny):
     assert f"L1 q = q_norm(q_proj)    {(1, H, d)}" in decode     # a decode step: one token
 
     # embedding stats, from the checkpoint itself
-    emb = M.read_safetensors(tiny)["model.embed_tokens.weight"][ids].float()
+    from safetensors.torch import load_file     # the safetensors library's own reader, not 02's
+    emb = load_file(os.path.join(tiny, "model.safetensors"))["model.embed_tokens.weight"][ids].float()
     row = re.search(r"┃ embed_tokens\(ids\)\s+\S+ \S+\s+float32\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", prefill)
     assert [float(x) for x in row.groups()] == pytest.approx(
         [emb.min().item(), emb.max().item(), emb.mean().item(), emb.std().item(), emb.norm(dim=-1).mean().item()],
@@ -220,7 +221,7 @@ def test_xray_demo_model_has_qwen3_0_6b_shapes(tmp_path, monkeypatch):
     (folder / "config.json").write_text(json.dumps(M.hf_config_dict(M.PRESETS["demo"], "float32")))
     shutil.copy(os.path.join(T.ASSETS, "tokenizer.json"), folder / "tokenizer.json")
 
-    def random_model(path, dtype=torch.float32, device="cpu"):
+    def random_model(path, dtype=torch.float32, device="cpu", allocate=None):
         c = M.load_config(path)
         with torch.device("meta"):
             model = M.Qwen3ForCausalLM(c)
