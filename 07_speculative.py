@@ -272,13 +272,13 @@ def check_same_vocabulary(target_cfg: M.ModelConfig, draft_cfg: M.ModelConfig, t
 
 
 def forward_spans(model, kv_cache, block_manager, spans, token_ids: list[int],
-                  logits_indices: list[int]) -> torch.Tensor:
+                  logits_indices: list[int], backend=paged.TORCH_SDPA) -> torch.Tensor:
     """One packed forward over the paged cache: span (seq_id, start, end) computes positions [start, end)
     of its sequence (token_ids holds all spans' tokens back to back). Logits (len(logits_indices), V)
-    in fp32 at those packed indices."""
+    in fp32 at those packed indices. backend: 04's attention backend (the engine may plug in a faster one)."""
     device = kv_cache.device
     positions = [p for _, start, end in spans for p in range(start, end)]
-    ctx = paged.PagedContext.from_spans(kv_cache, block_manager, spans)
+    ctx = paged.PagedContext.from_spans(kv_cache, block_manager, spans, backend=backend)
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
     hidden = model(as_tensor(token_ids), as_tensor(positions), ctx)                 # (N, hidden)
     return model.compute_logits(hidden[as_tensor(logits_indices)]).float()          # (L, V)
@@ -292,9 +292,10 @@ class DraftRunner:
     only verified tokens committed (`rollback`), so equal prompts share the draft's blocks too.
     """
 
-    def __init__(self, model, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, model, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 backend=paged.TORCH_SDPA):
         weight = model.model.embed_tokens.weight
-        self.model = model
+        self.model, self.backend = model, backend
         self.kv_cache = paged.allocate_kv_cache(model.config, num_blocks, block_size, weight.dtype, weight.device)
         self.block_manager = paged.BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.num_computed_tokens: dict[int, int] = {}
@@ -338,7 +339,8 @@ class DraftRunner:
                     token_ids.append(int(draft_token_ids[i, j - 1]))
                 spans.append((seq.seq_id, start, seq.num_tokens + j))
             last = torch.tensor([e - s for _, s, e in spans]).cumsum(0) - 1
-            logits = forward_spans(self.model, self.kv_cache, self.block_manager, spans, token_ids, last.tolist())
+            logits = forward_spans(self.model, self.kv_cache, self.block_manager, spans, token_ids, last.tolist(),
+                                   self.backend)
             q = self.sampler.probs(logits, [seqs[i].sampling for i in rows])                # (R, V)
             draft_token_ids[rows, j] = sample_from_probs(q, [seqs[i].sampling.greedy for i in rows],
                                                          [generators[i] for i in rows])
@@ -390,11 +392,11 @@ class SpeculativeDecoder:
     """
 
     def __init__(self, model, kv_cache, block_manager, draft: DraftRunner, num_speculative_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, backend=paged.TORCH_SDPA):
         if num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         self.model, self.kv_cache, self.block_manager = model, kv_cache, block_manager
-        self.draft = draft
+        self.draft, self.backend = draft, backend
         self.num_speculative_tokens = num_speculative_tokens
         self.max_model_len = max_model_len
         self.sampler = S.Sampler()
@@ -445,10 +447,10 @@ class SpeculativeDecoder:
                 logits_indices += range(len(token_ids) - k - 1, len(token_ids))
             spans.append((seq.seq_id, start, start + n + k))
         if not sampling:   # only prefill chunks that do not reach the end: nothing to sample
-            forward_spans(self.model, self.kv_cache, bm, spans, token_ids, [])
+            forward_spans(self.model, self.kv_cache, bm, spans, token_ids, [], self.backend)
             self._advance(batch)
             return []
-        logits = forward_spans(self.model, self.kv_cache, bm, spans, token_ids, logits_indices)   # (L, V)
+        logits = forward_spans(self.model, self.kv_cache, bm, spans, token_ids, logits_indices, self.backend)   # (L, V)
         seqs = [batch.seqs[i] for i in sampling]
         probs = self.sampler.probs(logits, [s.sampling for s, k in zip(seqs, ks) for _ in range(k + 1)])  # (L, V)
         k_max, V = draft_token_ids.shape[1], logits.shape[1]

@@ -3,7 +3,7 @@ bench.py - how fast the engine is on this machine, next to this machine's own li
 
 A tok/s figure alone says little: it depends on the machine. So every run also measures the
 machine (memory-read GB/s, matmul GFLOP/s in the run's dtype) and reports each figure as a
-fraction of its roofline:
+fraction of its roofline, and the process's peak resident memory (RSS) for each workload:
 
   - batch-1 decode reads every weight once per token: tok/s <= read GB/s / weight bytes;
   - prefill is matmul-bound: tok/s <= GFLOP/s / (2 x the parameters a token goes through + attention).
@@ -47,6 +47,7 @@ import time
 import torch
 
 import engine as engine_mod
+from nano_kernels.memory import huge_page_zeros, peak_rss_bytes, reset_peak_rss
 
 qwen3 = engine_mod.qwen3
 
@@ -84,7 +85,7 @@ def best_time(fn, repeat: int = 5) -> float:
 def read_buffer(device) -> torch.Tensor:
     """512 MiB to stream, far larger than any cache; on CPU on 2 MiB pages, like the engine's weights."""
     if device.type == "cpu":
-        return engine_mod.huge_page_zeros((128 * 2**20,), torch.float32).fill_(1)
+        return huge_page_zeros((128 * 2**20,), torch.float32).fill_(1)
     return torch.ones(128 * 2**20, dtype=torch.float32, device=device)
 
 
@@ -101,7 +102,7 @@ def memory_read_gbps(device, x: torch.Tensor | None = None) -> float:
 def matmul_gflops(dtype, device) -> float:
     """A prefill-shaped GEMM (512 tokens x hidden 1024 -> 3072, Qwen3-0.6B's MLP) in the run's dtype.
     On CPU the faster of torch's two GEMM libraries: `a @ b` (MKL in fp32) and oneDNN on a prepacked
-    weight (what the engine's PackedLinear runs), which on an AMD EPYC computes ~25% more in fp32."""
+    weight, which on some CPUs computes more (docs/performance.md)."""
     a = torch.randn(512, 1024, device=device).to(dtype)
     b = torch.randn(1024, 3072, device=device).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -315,14 +316,16 @@ def free_compiled_code() -> None:
 def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
     device = qwen3.resolve_device(args.device)
     dtype = qwen3.resolve_dtype(dtype_name, device)
-    # a 2 GiB KV pool (the CPU default's cap) on any device: a second engine, the prefix workload's,
-    # must fit beside the first, so not the whole free GPU memory
+    # a 2 GiB KV pool on any device: the mixed workload's 16 sequences fit without preemption, and a
+    # second engine, the prefix workload's, fits beside the first (not the whole free GPU memory)
     cfg = engine_mod.EngineConfig(model=args.model, dtype=dtype_name, device=args.device, compile=args.compile,
                                   max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=512,
                                   kv_cache_memory_gb=2.0)
+    reset_peak_rss()
     t = time.perf_counter()
     eng = engine_mod.LLMEngine(cfg)
     startup = time.perf_counter() - t
+    startup_rss = peak_rss_bytes()
     wl = workloads(args.quick, args.seed)
     t = time.perf_counter()
     warm_rng = random.Random(args.seed + 1)
@@ -339,13 +342,16 @@ def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
               "memory_read_gb_s": round(reads[0], 1),
               "matmul_gflop_s": round(matmul_gflops(dtype, device), 1),
               "weight_bytes": weight_bytes(eng.model_config, dtype),
-              "decode_attention": "C++ paged kernel" if eng.decode_kernel else "gather + SDPA",
-              "prefill_attention": "C++ flash kernel" if eng.prefill_kernel else "SDPA"}
+              "kv_cache_bytes": eng.kv_cache_bytes, "startup_peak_rss_bytes": startup_rss,
+              "linear_layers": eng.fast.linear or "nn.Linear",
+              "decode_attention": "C++ paged kernel" if eng.fast.decode_kernel else "gather + SDPA",
+              "prefill_attention": "C++ flash kernel" if eng.fast.prefill_kernel else "SDPA"}
     mc = eng.model_config
     prompt_len = len(wl["prefill"][0][0])
     prefill_roof = result["matmul_gflop_s"] * 1e9 / prefill_flops_per_token(mc, prompt_len)
     for name in args.workloads:
         prompts, outs = wl[name]
+        reset_peak_rss()
         r = run_ours(eng, prompts, outs)
         if name == "prefill":
             # One prompt is one step, a single sample of tens of ms that moves by ~15% from run to
@@ -378,6 +384,7 @@ def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
             r["roofline_tok_s"] = round(prefill_roof, 1)
             r["fraction_of_roofline"] = round(r["prefill_tok_s"] / prefill_roof, 3)
         r.pop("token_ids")
+        r["peak_rss_bytes"] = peak_rss_bytes()            # the process's, this workload's part of the run
         result[name] = r
         print(f"  {result['dtype']} {name}: {json.dumps(r)}", file=sys.stderr, flush=True)
     if args.speculative:
@@ -442,9 +449,10 @@ def print_table(doc: dict) -> None:
     console.print(f"[bold]{doc['model']}[/] on {m['cpu']} ({', '.join(m['capabilities']) or 'no AVX'}; "
                   f"bf16 units: {'yes' if m['bf16_units'] else 'no'}), {m['threads']} threads, torch {m['torch']}"
                   f"{', compiled' if doc['compile'] else ', eager'}")
-    table = Table("dtype", "workload", "tok/s", "roofline tok/s", "of roofline", "vs transformers", "notes")
+    table = Table("dtype", "workload", "tok/s", "roofline tok/s", "of roofline", "vs transformers", "peak RSS", "notes")
     for r in doc["results"]:
         machine = f"read {r['memory_read_gb_s']} GB/s, matmul {r['matmul_gflop_s']} GFLOP/s"
+        gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
         for name in ("decode", "prefill", "mixed", "prefix"):
             if name not in r:
                 continue
@@ -467,8 +475,12 @@ def print_table(doc: dict) -> None:
                 notes = f"{w['output_tokens']} tokens in {w['wall_s']} s; decode attention: {r['decode_attention']}"
             table.add_row(r["dtype"], name, f"{tok_s:.1f}", str(w.get("roofline_tok_s", "")),
                           f"{100 * w['fraction_of_roofline']:.0f}%" if "fraction_of_roofline" in w else "",
-                          f"{w['speedup_vs_hf']}x" if "speedup_vs_hf" in w else "", notes)
+                          f"{w['speedup_vs_hf']}x" if "speedup_vs_hf" in w else "", gib(w["peak_rss_bytes"]), notes)
     console.print(table)
+    for r in doc["results"]:
+        console.print(f"{r['dtype']}: startup {r['startup_s']} s, peak RSS {r['startup_peak_rss_bytes'] / 2**30:.2f} GiB "
+                      f"for weights of {r['weight_bytes'] / 2**30:.2f} GiB and a KV pool of {r['kv_cache_bytes'] / 2**30:.2f} GiB; "
+                      f"linear layers: {r['linear_layers']}")
     for r in doc["results"]:
         for label, sp in r.get("speculative", {}).items():
             console.print(f"speculative ({r['dtype']}, {label}, k={sp['k']}): {sp['tok_s']} tok/s vs {sp['plain_tok_s']} "

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (default: from memory)")
     g.add_argument("--kv-cache-memory-gb", type=float, default=None,
-                   help="KV pool size in GiB, when --num-kv-blocks is not given (default: CUDA free memory; CPU up to 2 GiB)")
+                   help="KV pool size in GiB, when --num-kv-blocks is not given (default: CUDA free memory; "
+                        f"CPU {engine_mod.CPU_KV_CACHE_GB:g} GiB, or less where every sequence slot at max length needs less)")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences per step (default: %(default)s)")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (default: %(default)s)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: min(model, 4096))")
@@ -131,8 +132,10 @@ def load_engine(args, info):
         speculative=args.speculative or args.draft_model is not None, draft_model=args.draft_model,
         num_speculative_tokens=args.num_speculative_tokens)
     engine = engine_mod.LLMEngine(config)
-    info(f"model {model} ({folder}) on {engine.device}, {str(engine.dtype).removeprefix('torch.')}, "
-          f"{engine.num_kv_blocks} KV blocks of {args.block_size} tokens")
+    fmt = engine_mod.kv_cache_lesson.fmt_bytes
+    info(f"model {model} ({folder}) on {engine.device}, {str(engine.dtype).removeprefix('torch.')}: "
+         f"weights {fmt(engine.weights_bytes)}, KV pool {fmt(engine.kv_cache_bytes)} "
+         f"({engine.num_kv_blocks} blocks of {args.block_size} tokens = {engine.num_kv_blocks * args.block_size:,} tokens)")
     if engine.speculative is not None:
         draft = args.draft_model or (f"built-in: the target's first {engine.draft_model.config.num_hidden_layers} "
                                      f"of {engine.model_config.num_hidden_layers} layers")

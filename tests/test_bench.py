@@ -18,6 +18,8 @@ def test_tiny_run_reports_rooflines_and_cache_identity(capsys):
     assert r["dtype"] == "float32" and r["memory_read_gb_s"] > 0 and r["matmul_gflop_s"] > 0
     assert r["decode_attention"] == ("C++ paged kernel" if shutil.which("c++") else "gather + SDPA")
     assert r["prefill_attention"] == "SDPA"                      # fp32: the prompt kernel is bf16's
+    gemv = "GEMVLinear + " if shutil.which("c++") else ""        # the engine's linear modules (eng.fast.linear)
+    assert r["linear_layers"] in (gemv + "SmallBatchLinear", gemv + "OneDNNLinear")
     assert len(r["memory_read_gb_s_samples"]) == 2 and r["memory_read_gb_s"] == max(r["memory_read_gb_s_samples"])
     for name in ("decode", "prefill"):
         w = r[name]
