@@ -2,9 +2,8 @@
 01 - Tokenization: text -> token ids -> text.
 
 A language model never sees characters. It sees integers ("token ids"), each one a row of its
-embedding table, and it predicts the next integer. The tokenizer translates between the two worlds
-(it was learned once, before the model was trained, and never changes): encode() turns a string into
-ids for the model, decode() turns the ids the model produced back into a string.
+embedding table, and it predicts the next integer. The tokenizer, learned once before the model was
+trained, translates between the two: encode() turns a string into ids, decode() ids back into a string.
 
 Qwen3 uses byte-level BPE (byte pair encoding), like GPT-2 and GPT-4:
 
@@ -33,15 +32,14 @@ After the regular tokens come 26 added tokens (ids 151643..151668) such as <|im_
 <|im_end|>: the chat format is written with them, and they are matched as whole strings in the
 text before any BPE happens.
 
-Where the vocabulary comes from: the ranks ship as a plain tiktoken file (`base64(bytes) rank` per
-line, see ../shared/README.md). The Hugging Face `tokenizers` library, which does the actual work here
-(it is fast, written in Rust), wants a `tokenizer.json` instead, with a vocab (piece -> id) and an
-explicit, ordered list of merges (left piece, right piece). build_tokenizer_json() derives both from
-the ranks; the result is shipped in assets/ so nothing at run time needs ../shared. The same folder
-also loads with transformers.AutoTokenizer (tests/test_01_tokenize.py checks both agree with tiktoken).
+The ranks come as a plain tiktoken file (`base64(bytes) rank` per line). The Hugging Face `tokenizers`
+library, which does the actual work here (fast, in Rust), wants a `tokenizer.json` instead: a vocab
+(piece -> id) and an ordered list of merges (left piece, right piece). build_tokenizer_json() derives
+both from the ranks; the result ships in assets/ and also loads with transformers.AutoTokenizer
+(tests/test_01_tokenize.py checks both agree with tiktoken).
 
-    python 01_tokenize.py "some text"                    # show the tokens and the chat prompt
-    python 01_tokenize.py --rebuild ../shared/qwen.tiktoken   # regenerate assets/*.json
+    python 01_tokenize.py "some text"                 # show the tokens and the chat prompt
+    python 01_tokenize.py --rebuild qwen.tiktoken     # regenerate assets/*.json from a tiktoken rank file
 """
 
 import argparse
@@ -51,7 +49,7 @@ import os
 import sys
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -64,10 +62,9 @@ SPLIT_REGEX = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# The added tokens, in id order right after the 151,643 BPE ranks. Both groups are matched as whole
-# tokens wherever they appear in the text. They differ only in the "special" flag, copied from the real
-# Qwen3 tokenizer: control tokens are special, so decode(skip_special_tokens=True) drops them; the
-# tool-call, fill-in-the-middle and thinking markers are not, so they survive decode and a reply's
+# The added tokens, in id order after the 151,643 BPE ranks, all matched as whole strings in the text.
+# The "special" flag is copied from the real Qwen3 tokenizer: decode(skip_special_tokens=True) drops the
+# control tokens, but keeps the tool-call, fill-in-the-middle and thinking markers, so a reply's
 # <think>...</think> or <tool_call>...</tool_call> stays visible to whoever parses it.
 CONTROL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -101,14 +98,8 @@ def bytes_to_unicode() -> dict[int, str]:
     character. Printable Latin-1 bytes stand for themselves; the other 68 (control characters,
     space, ...) get chr(256), chr(257), ... in byte order, which is why a space shows up as 'Ġ'."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + n)
-            n += 1
-    return table
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) if b in printable else chr(256 + others.index(b)) for b in range(256)}
 
 
 def load_ranks(path: str) -> dict[bytes, int]:
@@ -142,10 +133,9 @@ def build_tokenizer_json(ranks: dict[bytes, int]) -> dict:
     """The Hugging Face tokenizer.json for these BPE ranks, as a plain dict.
 
     vocab:  every token's bytes, spelled with bytes_to_unicode(), mapped to its rank (= its id).
-    merges: one per multi-byte token, in rank order (a merge's position is its priority, exactly
-            like a rank). Which two pieces? The two that BPE restricted to the lower-ranked tokens
-            produces for this token: that is the last step tiktoken takes when it builds it. E.g.
-            "Hello" (9707) comes out of "H" + "ello", as in the worked example at the top.
+    merges: one per multi-byte token, in rank order (a merge's position is its priority, like a rank):
+            the two pieces BPE restricted to lower-ranked tokens makes of it, the last step tiktoken
+            takes to build it ("Hello" (9707) = "H" + "ello", as in the worked example at the top).
     """
     byte_char = bytes_to_unicode()
 
@@ -165,9 +155,7 @@ def build_tokenizer_json(ranks: dict[bytes, int]) -> dict:
     added = [(t, True) for t in CONTROL_TOKENS] + [(t, False) for t in TEXT_MARKER_TOKENS]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
+        "version": "1.0", "truncation": None, "padding": None,
         # normalized: false -> matched against the raw text, before NFC.
         "added_tokens": [
             {"id": n + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
@@ -199,10 +187,8 @@ def build_tokenizer_config(tokenizer_json: dict) -> dict:
             str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
             for t in tokenizer_json["added_tokens"]
         },
-        "bos_token": None,
-        "add_bos_token": False,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
+        "bos_token": None, "add_bos_token": False,
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
         "unk_token": None,  # byte-level BPE can spell anything (Qwen2Tokenizer would default one)
         "clean_up_tokenization_spaces": False,  # decode must give back the text exactly
         "model_max_length": 40960,
@@ -236,8 +222,7 @@ class Tokenizer:
         self._added_ids = set(self.hf.get_added_tokens_decoder())
 
     def encode(self, text: str) -> list[int]:
-        # Added tokens written in the text (e.g. "<|im_start|>") become their single ids; the
-        # tokenizer.json has no post-processor, so no BOS or EOS is added.
+        # Added tokens in the text (e.g. "<|im_start|>") become their ids; no BOS or EOS is added.
         return self.hf.encode(text).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -277,10 +262,7 @@ def show(tok: Tokenizer, text: str) -> None:
     console = Console()
     ids = tok.encode(text)
     console.print(Text(f"{text!r} is {len(ids)} tokens:", style="bold"))  # Text: no rich markup in user text
-    table = Table()
-    table.add_column("pos", justify="right")
-    table.add_column("id", justify="right")
-    table.add_column("piece")
+    table = Table(Column("pos", justify="right"), Column("id", justify="right"), "piece")
     for pos, token_id in enumerate(ids):
         raw = tok.token_bytes(token_id)
         try:
@@ -299,7 +281,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Show how Qwen3's tokenizer splits text.")
     parser.add_argument("text", nargs="*", help="text to tokenize (joined by spaces)")
     parser.add_argument("--rebuild", metavar="TIKTOKEN_FILE",
-                        help="regenerate assets/tokenizer.json and tokenizer_config.json from qwen.tiktoken")
+                        help="regenerate assets/tokenizer.json and tokenizer_config.json from a qwen.tiktoken file")
     args = parser.parse_args()
     if args.rebuild:
         rebuild(args.rebuild)

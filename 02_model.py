@@ -11,29 +11,20 @@ and each Qwen3 decoder layer is two residual sub-blocks, each behind an RMSNorm:
     x = x + down_proj(silu(gate_proj(x)) * up_proj(x))                  (SwiGLU MLP)
 
 What is particular to Qwen3 (and where people copying a Llama get it wrong):
-  - grouped-query attention: 16 query heads share 8 key/value heads in Qwen3-0.6B, so the
-    KV cache (files 03, 04) is half the size it would be with one KV head per query head;
-  - `head_dim` is read from the config, it is NOT hidden_size / num_heads
-    (Qwen3-0.6B: 16 heads x 128 = 2048 != hidden 1024, so q_proj is 1024 -> 2048);
+  - grouped-query attention: Qwen3-0.6B's 16 query heads share 8 key/value heads, halving the KV cache;
+  - `head_dim` comes from the config, it is NOT hidden_size / num_heads (16 heads x 128 = 2048 != 1024);
   - each head's query and key get their own RMSNorm (`q_norm`, `k_norm`) before RoPE;
   - RoPE with theta = 1,000,000, rotating the two halves of each head (HF's "rotate_half");
   - small models tie `lm_head` to the embedding matrix (one 151936 x hidden matrix used twice).
 
-The model works on a flat, "packed" list of tokens: `forward(input_ids (N,), positions (N,))`.
-That is the layout the serving engine uses (many sequences back to back, no padding), and with
-one sequence it is simply that sequence.
+The model works on a flat, "packed" list of tokens, `forward(input_ids (N,), positions (N,))`: the
+engine's layout (many sequences back to back, no padding). Attention is the one step that sees other
+tokens, so each layer calls the seam `attend(q, k, v, layer_idx, context)`: no context is plain causal
+attention (this file); file 03 passes a contiguous KV cache, file 04 a paged one, both reusing this model.
 
-The seam later files use: attention is the one step that needs to see other tokens, so each
-layer calls `attend(q, k, v, layer_idx, context)`. With `context=None` it is plain causal
-attention over the tokens given (this file). File 03 passes a contiguous KV cache, file 04 a
-paged one; both reuse this model unchanged.
-
-Loading: `download_model` fetches config.json, *.safetensors and the tokenizer files from the
-Hub (local cache first, so an offline machine never hangs); `load_model` reads single or
-sharded safetensors (never pickle) and checks every tensor name and shape against the model.
-`make_random_checkpoint` writes real HF-layout folders with random weights (`tiny`, `demo`) so
-everything above is exercised offline. `naive_generate` is the slow, obviously correct
-reference every later file is tested against.
+Loading reads Hugging Face folders of safetensors (never pickle) and checks every tensor against
+the model; `make_random_checkpoint` writes such folders with random weights (`tiny`, `demo`), so all
+of it runs offline. `naive_generate` is the slow, obviously correct reference later files test against.
 
     python 02_model.py          # architecture with parameter counts, one next-token prediction
 """
@@ -44,15 +35,15 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------- config
-
 
 @dataclass
 class ModelConfig:
@@ -72,8 +63,7 @@ class ModelConfig:
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """Bytes of K and V one token leaves in the cache: 2 x layers x kv_heads x head_dim x bytes.
         Qwen3-0.6B in bf16: 2 x 28 x 8 x 128 x 2 = 114688 bytes = 112 KiB."""
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype.itemsize
 
 
 class CheckpointError(ValueError):
@@ -94,8 +84,7 @@ def load_config(path: str) -> ModelConfig:
         raise CheckpointError(f"cannot read {cfg_path}: {e}") from None
     if raw.get("model_type") != "qwen3":
         raise CheckpointError(f"{cfg_path} has model_type {raw.get('model_type')!r}; only 'qwen3' is supported")
-    # Newer configs nest rope_theta under rope_parameters.
-    if "rope_theta" not in raw and isinstance(raw.get("rope_parameters"), dict):
+    if "rope_theta" not in raw and isinstance(raw.get("rope_parameters"), dict):  # newer configs nest it
         raw["rope_theta"] = raw["rope_parameters"].get("rope_theta", ModelConfig.rope_theta)
     known = {f.name for f in fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in raw.items() if k in known})
@@ -106,12 +95,9 @@ def load_config(path: str) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- layers
 
-
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, rms(x) = sqrt(mean(x^2) + eps): normalised in fp32 and cast back, then
-    scaled by the weight in the model's dtype, exactly as HF does. F.rms_norm is that same
-    normalisation in one fused kernel, instead of the five ops of
-    x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) (a decode step runs 113 norms)."""
+    """x / sqrt(mean(x^2) + eps) * weight: normalised in fp32 and cast back, then scaled in the model's
+    dtype, as HF does. F.rms_norm runs x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) as one kernel."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -124,11 +110,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables for rotary embeddings at the given positions: each (N, head_dim).
-
-    Pair i of a head (dims i and i + head_dim/2) rotates by angle pos * theta^(-2i/head_dim):
-    low dims spin fast (local order), high dims slowly (long range). Computed in fp32, then cast.
-    """
+    """cos/sin tables (N, head_dim) at the given positions, computed in fp32, then cast. Pair i of a head
+    (dims i and i + head_dim/2) turns by pos * theta^(-2i/head_dim): low dims fast (local order), high slowly."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
     angles = positions.float()[:, None] * inv_freq[None, :]       # (N, head_dim/2)
     emb = torch.cat((angles, angles), dim=-1)                      # (N, head_dim)
@@ -143,11 +126,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Plain causal attention over one sequence: q (N, H, d), k/v (N, H_kv, d) -> (N, H, d).
-
-    Token t attends to tokens 0..t. GQA: each group of H/H_kv query heads shares one KV head,
-    which SDPA handles without copying K/V (`enable_gqa`).
-    """
+    """Causal attention over one sequence, token t sees 0..t: q (N, H, d), k/v (N, H_kv, d) -> (N, H, d).
+    GQA: each group of H/H_kv query heads shares one KV head, which SDPA does without copying K/V."""
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # (H, N, d)
         is_causal=True, enable_gqa=True,
@@ -156,8 +136,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 
 def attend(q, k, v, layer_idx: int, context=None):
-    """The attention seam: no context = causal attention over the given tokens; otherwise the
-    context (a KV cache, file 03; a paged block pool, file 04) stores k/v and attends."""
+    """The seam: no context = causal attention over these tokens; else the context stores k/v and attends."""
     if context is None:
         return causal_attention(q, k, v)
     return context.attend(layer_idx, q, k, v)
@@ -186,8 +165,7 @@ class Qwen3Attention(nn.Module):
         return self.o_proj(o.reshape(N, self.n_heads * self.head_dim))        # (N, hidden)
 
     def norm_and_rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Qwen3's RMSNorm of every query and key head, then RoPE: what q and k go through between
-        their projections and attention. One method, so that a faster engine can do it in one call."""
+        """Qwen3's RMSNorm of every query and key head, then RoPE: one method, so a faster engine can fuse it."""
         return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
 
 
@@ -251,35 +229,26 @@ class Qwen3ForCausalLM(nn.Module):
 
 # ----------------------------------------------------------------------------- reference generation
 
-
 @torch.inference_mode()
 def naive_generate(model: Qwen3ForCausalLM, prompt_ids: list[int], max_new_tokens: int,
                    eos_token_ids=()) -> list[int]:
-    """Greedy decoding, batch of one, no cache: every step runs the whole sequence again.
-
-    Quadratic work, but obviously correct: the reference every faster path must equal token for token.
-    Returns only the generated ids (stops after an eos id, which is included).
-    """
+    """Greedy decoding, batch of one, no cache: every step runs the whole sequence again. Quadratic, but
+    obviously correct: the reference every faster path must equal token for token. Returns the generated
+    ids only (stopping after an eos id, which is included)."""
     device = model.model.embed_tokens.weight.device
     ids = list(prompt_ids)
-    out: list[int] = []
     for _ in range(max_new_tokens):
-        x = torch.tensor(ids, device=device)
-        hidden = model(x, torch.arange(len(ids), device=device))
-        next_id = int(model.compute_logits(hidden[-1:]).argmax(-1))
-        out.append(next_id)
-        ids.append(next_id)
-        if next_id in eos_token_ids:
+        hidden = model(torch.tensor(ids, device=device), torch.arange(len(ids), device=device))  # (N, hidden)
+        ids.append(int(model.compute_logits(hidden[-1:]).argmax(-1)))
+        if ids[-1] in eos_token_ids:
             break
-    return out
+    return ids[len(prompt_ids):]
 
 
-# ----------------------------------------------------------------------------- devices and dtypes
-
+# ----------------------------------------------------------------------------- devices, dtypes and loading
 
 def cpu_has_bf16() -> bool:
-    """True when the CPU has bf16 arithmetic units (AVX512-BF16 or AMX-BF16); without them a
-    bf16 matmul on CPU is emulated and ~100x slower than fp32."""
+    """True when the CPU has bf16 units (AVX512-BF16, AMX-BF16): without, bf16 matmuls are emulated, ~100x slower."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -290,9 +259,7 @@ def cpu_has_bf16() -> bool:
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("--device cuda was asked for but no CUDA GPU is available (allowed: auto, cpu, cuda, mps)")
     if name == "mps" and not torch.backends.mps.is_available():
@@ -305,14 +272,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: bf16 on CUDA and on CPUs with bf16 units, else fp32 (fp16 is never auto: on CPU it is pathological)."""
-    if name == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
-            return torch.bfloat16
-        return torch.float32
-    return DTYPES[name]
-
-
-# ----------------------------------------------------------------------------- loading
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else torch.float32
 
 
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -320,22 +282,18 @@ HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model
 
 
 def download_model(repo_id: str, revision: str = "main", cache_dir: str | None = None) -> str:
-    """A local folder for `repo_id`: the folder itself if it exists, else the Hub snapshot
-    (config, safetensors and tokenizer files only). The local cache is tried first, so an
-    offline machine answers at once instead of waiting on the network."""
+    """A local folder for `repo_id`: itself if it is one, else its Hub snapshot (config, weights, tokenizer)."""
     if os.path.isdir(repo_id):
         return repo_id
     from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                 allow_patterns=HUB_PATTERNS, local_files_only=True)
-    except Exception:
-        pass
-    try:
-        return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
-    except Exception as e:
-        raise CheckpointError(f"model {repo_id!r} is not a local folder and could not be downloaded "
-                              f"from the Hugging Face Hub ({type(e).__name__})") from None
+    for local in (True, False):  # the local cache first: offline, it answers at once instead of waiting
+        try:
+            return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                     allow_patterns=HUB_PATTERNS, local_files_only=local)
+        except Exception as e:
+            error = e
+    raise CheckpointError(f"model {repo_id!r} is not a local folder and could not be downloaded "
+                          f"from the Hugging Face Hub ({type(error).__name__})")
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -355,7 +313,6 @@ def safetensors_files(path: str) -> list[str]:
     return files
 
 
-# The element types a safetensors header names, as torch dtypes.
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}
@@ -363,15 +320,12 @@ CHUNK_BYTES = 16 * 2**20      # a dtype-converting read goes through a buffer of
 
 
 def read_safetensors(path: str, destination):
-    """Read every tensor of a checkpoint folder into place: destination(file, name, shape, dtype)
-    returns the tensor to fill (or None to skip this one).
-
-    A safetensors file is an 8-byte little-endian header length, a JSON header ({name: {dtype,
-    shape, data_offsets}}) and the raw bytes of every tensor. Each tensor is read with plain file
-    reads straight into its destination (through a small buffer when its dtype changes on the
-    way), so loading holds one copy of the weights: reading through a memory map instead keeps
-    the file's pages resident next to the weights until the file is closed."""
+    """Read every tensor of a checkpoint folder into place: destination(file, name, shape, dtype) returns the
+    tensor to fill, or None to skip it. A file is an 8-byte little-endian header length, a JSON header ({name:
+    {dtype, shape, data_offsets}}), then the raw bytes, read with plain reads straight into place (through a
+    buffer when the dtype changes): a memory map would keep the file's pages resident beside the weights."""
     import numpy as np   # a writable buffer view of a tensor's bytes, for readinto
+    buffer = torch.empty(CHUNK_BYTES, dtype=torch.uint8)   # one for every dtype-changing read
     for file in safetensors_files(path):
         try:
             with open(file, "rb") as f:
@@ -379,10 +333,8 @@ def read_safetensors(path: str, destination):
                 if not 2 <= size <= os.path.getsize(file) - 8:
                     raise ValueError(f"a header of {size} bytes does not fit the file")
                 header = json.loads(f.read(size))
-                base = 8 + size
+                header.pop("__metadata__", None)
                 for name, entry in header.items():
-                    if name == "__metadata__":
-                        continue
                     dtype, (start, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["data_offsets"]
                     shape = torch.Size(entry["shape"])
                     if end - start != shape.numel() * dtype.itemsize:
@@ -390,12 +342,13 @@ def read_safetensors(path: str, destination):
                     out = destination(file, name, shape, dtype)
                     if out is None:
                         continue
-                    f.seek(base + start)
+                    f.seek(8 + size + start)
                     direct = out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
                     flat = out.view(-1)
-                    step = shape.numel() if direct else max(1, CHUNK_BYTES // dtype.itemsize)
+                    step = max(1, shape.numel() if direct else CHUNK_BYTES // dtype.itemsize)
                     for i in range(0, shape.numel(), step):
-                        part = flat[i:i + step] if direct else torch.empty(min(step, shape.numel() - i), dtype=dtype)
+                        n = min(step, shape.numel() - i)
+                        part = flat[i:i + n] if direct else buffer[:n * dtype.itemsize].view(dtype)
                         view = memoryview(np.asarray(part.view(torch.uint8)))
                         if f.readinto(view) != len(view):
                             raise ValueError(f"tensor {name}: the file ends early")
@@ -406,18 +359,15 @@ def read_safetensors(path: str, destination):
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", allocate=None) -> Qwen3ForCausalLM:
-    """Build the model from a local HF folder, checking every tensor's name and shape.
-
-    The model is built on the meta device (shapes, no memory), its weights are allocated once in
-    the run's dtype - by allocate(shapes: {name: shape}, dtype) -> {name: tensor} where given (the
-    engine puts them on huge pages), else torch.empty on the device - and each checkpoint tensor
-    is copied into its place as it is read, converting its dtype on the way. Peak memory: the
-    weights plus one tensor."""
+    """Build the model from a local HF folder, checking every tensor's name and shape. Built on the meta
+    device (shapes, no memory); the weights are allocated once, by allocate(shapes, dtype) -> {name: tensor}
+    (the engine's huge pages) or torch.empty, and read into place: peak memory is the weights + one buffer."""
     cfg = load_config(path)
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg)
     shapes = {n: p.shape for n, p in model.named_parameters()}  # tied: lm_head.weight is not listed
-    weights = (allocate or (lambda s, dt: {n: torch.empty(shape, dtype=dt, device=device) for n, shape in s.items()}))(shapes, dtype)
+    weights = (allocate(shapes, dtype) if allocate is not None else
+               {n: torch.empty(s, dtype=dtype, device=device) for n, s in shapes.items()})
     seen = set()
 
     def destination(file, name, shape, _):
@@ -441,37 +391,29 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", allo
 
 # ----------------------------------------------------------------------------- random checkpoints
 
-
 PRESETS = {
     # Small but with every Qwen3 quirk: kv heads < heads, head_dim != hidden / heads, the real vocab.
     "tiny": ModelConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=32, max_position_embeddings=4096),
-    "tiny-untied": ModelConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
-                               num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
-                               tie_word_embeddings=False),
     "demo": ModelConfig(),  # exactly Qwen3-0.6B's architecture
 }
+PRESETS["tiny-untied"] = replace(PRESETS["tiny"], tie_word_embeddings=False)
 
 
 def hf_config_dict(cfg: ModelConfig, dtype: str = "bfloat16") -> dict:
     """The config.json a Hugging Face Qwen3 checkpoint carries."""
-    d = {f.name: getattr(cfg, f.name) for f in fields(ModelConfig)}
-    d.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu", attention_bias=False,
-             attention_dropout=0.0, bos_token_id=151643, eos_token_id=151645, initializer_range=0.02,
-             use_cache=True, use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_hidden_layers,
-             rope_scaling=None, torch_dtype=dtype)
-    return d
+    return dict({f.name: getattr(cfg, f.name) for f in fields(ModelConfig)},
+                architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu", attention_bias=False,
+                attention_dropout=0.0, bos_token_id=151643, eos_token_id=151645, initializer_range=0.02,
+                use_cache=True, use_sliding_window=False, sliding_window=None,
+                max_window_layers=cfg.num_hidden_layers, rope_scaling=None, torch_dtype=dtype)
 
 
 def random_tensors(cfg: ModelConfig, seed: int):
-    """Random fp32 weights in HF names, yielded one at a time (name, tensor) in the model's order.
-
-    Embedding and lm_head ~ N(0, 0.02); the layers' linear weights ~ N(0, 1/fan_in), so every
-    layer changes the residual stream as much as the embedding does (with 0.02 a small model
-    just copies its input token, and greedy text is one token repeated); norm weights near 1
-    but not equal (a mixed-up norm would show). The final norm is scaled so the logits spread
-    over ~8 units: the top-1 token then wins by a margin far above float rounding, and greedy
-    comparisons between implementations are never decided by a near-tie."""
+    """Random fp32 weights in HF names, yielded (name, tensor) in the model's order. Embedding and lm_head ~
+    N(0, 0.02); linear weights ~ N(0, 1/fan_in), so each layer moves the residual stream as much as the
+    embedding (with 0.02 a small model copies its input token); norms near 1, not equal, so a mixed-up norm
+    shows; the final norm spreads logits over ~8 units, so no greedy comparison hinges on a near-tie."""
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in Qwen3ForCausalLM(cfg).named_parameters()}
@@ -494,41 +436,35 @@ def random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
 
 def make_random_checkpoint(folder: str, preset: str = "tiny", seed: int = 0, dtype: str = "bfloat16",
                            shard_bytes: int | None = None) -> str:
-    """Write a real HF-layout checkpoint with random weights: config.json, model.safetensors
-    (or shards + index when `shard_bytes` is given), generation_config.json and the tokenizer.
-    Tensors are made shard by shard, so writing holds one shard in memory, not the model."""
+    """Write a real HF-layout checkpoint with random weights: config, generation config, tokenizer and
+    model.safetensors (shards + index with `shard_bytes`), made shard by shard: one shard in memory at a time."""
     from safetensors.torch import save_file
     cfg = PRESETS[preset]
     os.makedirs(folder, exist_ok=True)
     with torch.device("meta"):
         sizes = {n: p.numel() * DTYPES[dtype].itemsize for n, p in Qwen3ForCausalLM(cfg).named_parameters()}
-    shards, size = [[]], 0                                 # tensor names, shard by shard
+    shards = [[]]                                          # tensor names, shard by shard
     for name, nbytes in sizes.items():
-        if shard_bytes is not None and shards[-1] and size + nbytes > shard_bytes:
+        if shard_bytes is not None and shards[-1] and sum(sizes[n] for n in shards[-1]) + nbytes > shard_bytes:
             shards.append([])
-            size = 0
         shards[-1].append(name)
-        size += nbytes
     tensors = random_tensors(cfg, seed)
     files = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for names, fname in zip(shards, files):
-        shard = {}
-        for name, t in itertools.islice(tensors, len(names)):
-            shard[name] = t.to(DTYPES[dtype]).contiguous()
+        shard = {name: t.to(DTYPES[dtype]).contiguous() for name, t in itertools.islice(tensors, len(names))}
         save_file(shard, os.path.join(folder, fname), metadata={"format": "pt"})
+    meta = {"config.json": hf_config_dict(cfg, dtype),
+            "generation_config.json": {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": False}}
     if len(shards) > 1:
-        weight_map = {name: fname for names, fname in zip(shards, files) for name in names}
-        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf_config_dict(cfg, dtype), f, indent=2)
-    with open(os.path.join(folder, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": False}, f, indent=2)
+        meta["model.safetensors.index.json"] = {"metadata": {"total_size": sum(sizes.values())}, "weight_map":
+                                                {name: fname for names, fname in zip(shards, files) for name in names}}
+    for fname, obj in meta.items():
+        with open(os.path.join(folder, fname), "w") as f:
+            json.dump(obj, f, indent=2)
     tokenize = importlib.import_module("01_tokenize")
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        with open(os.path.join(tokenize.ASSETS, name), "rb") as src, open(os.path.join(folder, name), "wb") as dst:
-            dst.write(src.read())
+        shutil.copyfile(os.path.join(tokenize.ASSETS, name), os.path.join(folder, name))
     return folder
 
 
@@ -552,13 +488,24 @@ def preset_checkpoint(preset: str, seed: int = 0) -> str:
         try:
             os.rename(tmp, folder)
         except OSError:  # another process won the race: use its folder
-            import shutil
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-# ----------------------------------------------------------------------------- demo
+def resolve_model(name: str) -> str:
+    """A local folder for a preset name (written on first use), a folder, or a hub id (download_model)."""
+    if name in PRESETS:
+        return preset_checkpoint(name)
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        path = os.path.expanduser(name)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"model folder {name!r} does not exist "
+                                  "(allowed: a local folder, a hub id like Qwen/Qwen3-0.6B, demo or tiny)")
+        return path
+    return download_model(name)
 
+
+# ----------------------------------------------------------------------------- demo
 
 def count_parameters(model: nn.Module) -> list[tuple[str, int]]:
     """(part, parameter count) rows; a tied lm_head counts 0 because it is the embedding."""
@@ -575,7 +522,6 @@ def count_parameters(model: nn.Module) -> list[tuple[str, int]]:
 
 def main() -> None:
     import tempfile
-    import time
     from rich.console import Console
     from rich.table import Table
     console = Console()
@@ -583,35 +529,30 @@ def main() -> None:
 
     with torch.device("meta"):  # shapes only: no memory, no time
         demo = Qwen3ForCausalLM(PRESETS["demo"])
-    cfg = demo.config
+    cfg, attn = demo.config, demo.model.layers[0].self_attn
     console.print(f"[bold]Qwen3-0.6B architecture[/]: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-                  f"{cfg.num_attention_heads} query heads / {cfg.num_key_value_heads} KV heads of {cfg.head_dim} dims "
-                  f"(q_proj: {cfg.hidden_size} -> {cfg.num_attention_heads * cfg.head_dim}), MLP {cfg.intermediate_size}")
+                  f"{cfg.num_attention_heads} query heads / {cfg.num_key_value_heads} KV heads of {cfg.head_dim} dims, "
+                  f"MLP {cfg.intermediate_size}; layer 0 weights (out, in): q_proj {tuple(attn.q_proj.weight.shape)}, "
+                  f"k_proj and v_proj {tuple(attn.k_proj.weight.shape)}, o_proj {tuple(attn.o_proj.weight.shape)}")
     table = Table("part", "parameters", "share")
     rows = count_parameters(demo)
     for part, count in rows:
         table.add_row(part, f"{count:,}", f"{100 * count / rows[-1][1]:.1f}%")
     console.print(table)
-    attn = demo.model.layers[0].self_attn
-    console.print(f"layer 0 attention: q_proj {tuple(attn.q_proj.weight.shape)}, k_proj {tuple(attn.k_proj.weight.shape)}, "
-                  f"v_proj {tuple(attn.v_proj.weight.shape)}, o_proj {tuple(attn.o_proj.weight.shape)}  (out, in)")
 
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        folder = make_random_checkpoint(tmp, "tiny", seed=0)
-        model = load_model(folder, torch.float32)
-        tok = tokenize.load_tokenizer(folder)
-        prompt = "The capital of France is"
-        ids = tok.encode(prompt)
-        with torch.inference_mode():
-            logits = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)))[-1])
-        probs = logits.softmax(-1)
-        top = probs.topk(5)
-        console.print(f"\n[bold]one next-token prediction[/] with the `tiny` preset (random weights, so the words "
-                      f"are noise; the mechanics are real), {time.perf_counter() - t0:.2f}s including writing and loading it:")
-        console.print(f"prompt {prompt!r} -> ids {ids}")
-        for p, i in zip(top.values.tolist(), top.indices.tolist()):
-            console.print(f"  {i:>6}  {tok.decode([i], skip_special_tokens=False)!r:<20} p={p:.3f}")
+        model = load_model(make_random_checkpoint(tmp, "tiny", seed=0), torch.float32)
+        tok = tokenize.load_tokenizer(tmp)
+    prompt = "The capital of France is"
+    ids = tok.encode(prompt)
+    with torch.inference_mode():
+        logits = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)))[-1])  # (vocab,)
+    console.print(f"\n[bold]one next-token prediction[/] with the `tiny` preset (random weights, so the words "
+                  "are noise; the mechanics are real):")
+    console.print(f"prompt {prompt!r} -> ids {ids}")
+    top = logits.softmax(-1).topk(5)
+    for p, i in zip(top.values.tolist(), top.indices.tolist()):
+        console.print(f"  {i:>6}  {tok.decode([i], skip_special_tokens=False)!r:<20} p={p:.3f}")
 
 
 if __name__ == "__main__":

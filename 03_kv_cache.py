@@ -13,9 +13,8 @@ tokens 0..j, so they are the same at every later step. Compute them once and kee
     prefill:  ids[0 .. P)  -> write K, V of the P prompt tokens into the cache   (one forward)
     decode:   ids[P+t]     -> write K, V of that ONE token, its query attends over the cache
 
-Now every token goes through the projections and the MLP exactly once: P + T tokens of work,
-linear. (Attention itself still reads all previous keys, O(P + t) per step, but that is a cheap
-dot product per cached token, not a full pass through every layer.)
+Now every token goes through the projections and the MLP exactly once: P + T tokens of work, linear.
+(Attention still reads all previous keys, O(P + t) per step, but that is a cheap dot product per token.)
 
 The price is memory. Each token leaves, in every layer, one key and one value vector per KV head:
 
@@ -23,24 +22,21 @@ The price is memory. Each token leaves, in every layer, one key and one value ve
     Qwen3-0.6B, bf16: 2 x 28 x 8 x 128 x 2 = 114688 bytes = 112 KiB
 
 so a 4096-token conversation holds 448 MiB of cache, about 40% of the model's own 1.2 GB of bf16
-weights. (Grouped-query attention already halves this: with one KV head per query head it would
-be twice as much.)
+weights (grouped-query attention already halved it: one KV head per query head would double it).
 
-This file's cache is the simplest one: per sequence, one preallocated tensor
+This file's cache is the simplest one: per sequence, one preallocated tensor filled from position 0 up,
 
-    kv: (layers, 2, max_len, kv_heads, head_dim)
+    kv: (layers, 2, max_len, kv_heads, head_dim)        `length` positions in use
 
-filled from position 0 upwards, with `length` positions in use. The model is reused unchanged:
-each layer calls `context.attend(layer_idx, q, k, v)` (the seam of file 02), and the cache writes
-k/v at positions [length, length + N) of that layer, then attends the N new queries to positions
-[0, length + N), causally. After the forward the caller advances `length` by N.
+and the model is reused unchanged: each layer calls `context.attend(layer_idx, q, k, v)` (file 02's
+seam), which writes k/v at positions [length, length + N) and attends the N new queries to positions
+[0, length + N), causally. After the forward, `length` moves on by N.
 
 The limitation that motivates file 04: `max_len` has to be reserved up front, for the longest the
 sequence *might* get. A server with many sequences of unknown length either reserves the worst case
 for each (most of it never used) or runs out; freed caches of different sizes fragment memory; and
-two requests with the same prompt prefix (a shared system prompt) cannot share the cached prefix,
-because each cache is one private contiguous tensor. Paged attention (file 04) cuts the cache into
-fixed-size blocks handed out on demand.
+two requests with the same prompt prefix (a shared system prompt) cannot share it, because each cache
+is one private contiguous tensor. Paged attention (file 04) hands out fixed-size blocks on demand.
 
     python 03_kv_cache.py       # KV bytes per token for Qwen3-0.6B, a cache filling up, cached vs uncached speed
 """
@@ -57,18 +53,13 @@ M = importlib.import_module("02_model")
 
 # ----------------------------------------------------------------------------- the cache
 
-
 class CacheFullError(ValueError):
     """More tokens than the cache's preallocated `max_len` positions."""
 
 
 class KVCache:
-    """A contiguous, preallocated KV cache for one sequence, usable as the model's attention context.
-
-    `kv[layer, 0]` holds keys, `kv[layer, 1]` values; positions [0, length) are filled. One forward
-    over N new tokens calls `attend` once per layer (all layers write the same positions
-    [length, length + N)); then `advance(N)` moves `length` on. `cached_forward` does both.
-    """
+    """A contiguous, preallocated KV cache for one sequence, usable as the model's attention context:
+    `kv[layer, 0]` holds keys, `kv[layer, 1]` values. `cached_forward` runs a forward, then `advance`."""
 
     def __init__(self, cfg: M.ModelConfig, max_len: int, dtype: torch.dtype = torch.float32, device="cpu"):
         self.cfg, self.max_len, self.length = cfg, max_len, 0
@@ -94,9 +85,7 @@ class KVCache:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store the N new tokens' k/v for this layer, attend their queries over the whole cache.
-
-        q: (N, H, d), k/v: (N, H_kv, d), already normed and rotated -> (N, H, d).
-        """
+        q: (N, H, d), k/v: (N, H_kv, d), already normed and rotated -> (N, H, d)."""
         N = q.shape[0]
         start, end = self.length, self.length + N
         self.check_room(N)
@@ -138,7 +127,6 @@ def cached_forward(model: M.Qwen3ForCausalLM, cache: KVCache, input_ids: torch.T
 
 # ----------------------------------------------------------------------------- generation
 
-
 @torch.inference_mode()
 def greedy_steps(model: M.Qwen3ForCausalLM, prompt_ids: list[int], max_new_tokens: int,
                  eos_token_ids=(), max_len: int | None = None, cache: KVCache | None = None):
@@ -174,19 +162,17 @@ def generate_with_cache(model: M.Qwen3ForCausalLM, prompt_ids: list[int], max_ne
 
 # ----------------------------------------------------------------------------- demo
 
-
 def fmt_bytes(n: float, sep: str = " ") -> str:
     """Binary units, trailing zeros dropped: 1536 -> '1.5 KiB', 114688 -> '112 KiB', 2064384 -> '1.97 MiB'
     (one decimal for KiB, two for MiB and GiB). The teaching modes (modes/) print sizes with it too;
     sep="\u00a0" (a no-break space) keeps number and unit on one line when text is wrapped."""
-    for unit, digits in (("B", 0), ("KiB", 1), ("MiB", 2), ("GiB", 2)):
-        if n < 1024 or unit == "GiB":
-            number = f"{n:.{digits}f}"
-            if digits:
-                number = number.rstrip("0").rstrip(".")
-            return f"{number}{sep}{unit}"
-        n /= 1024
-    raise AssertionError("unreachable: GiB takes any size")
+    units, i = ("B", "KiB", "MiB", "GiB"), 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    number = f"{n:.{min(i, 2)}f}"
+    if i:
+        number = number.rstrip("0").rstrip(".")
+    return f"{number}{sep}{units[i]}"
 
 
 def main() -> None:
@@ -219,8 +205,7 @@ def main() -> None:
                   f"{cfg.num_key_value_heads} KV heads x {cfg.head_dim} dims), fp32 = {cache.bytes_per_token} B/token, "
                   f"kv {tuple(cache.kv.shape)} preallocated = {fmt_bytes(cache.bytes_allocated)}")
     table = Table("step", "tokens in", "length", "KiB used", "positions")
-    steps = greedy_steps(model, prompt, 12, cache=cache)
-    for step, (next_id, _) in enumerate(steps):
+    for step, _ in enumerate(greedy_steps(model, prompt, 12, cache=cache)):
         fed = len(prompt) if step == 0 else 1
         bar = "#" * cache.length + "." * (cache.max_len - cache.length)
         if step < 4 or step == 11:

@@ -3,12 +3,10 @@
 
 The model gives a score (logit) for each of the 151,936 vocabulary entries. Picking the largest one
 every time ("greedy") is deterministic and good for short factual answers, but long greedy text tends
-to loop and sound flat. Sampling draws the token at random from softmax(logits) instead, and a few
-knobs reshape that distribution first. Every request in a batch carries its own knobs
-(SamplingConfig), so one Sampler call handles rows with different settings in one vectorised pass.
-
-The knobs, applied in this order (the order of Hugging Face transformers' generate(), so the same
-settings mean the same distribution there and here):
+to loop and sound flat. Sampling draws the token at random from softmax(logits) instead, after a few
+knobs reshape that distribution. Each request carries its own knobs (SamplingConfig), so one Sampler
+call handles a batch of mixed settings in one vectorised pass. The knobs, in the order of Hugging Face
+transformers' generate() (so the same settings mean the same distribution there and here):
 
     temperature  divide the logits by T. T < 1 sharpens (the top token gets more of the mass),
                  T > 1 flattens, T = 1 leaves them alone, T = 0 means greedy: just take the argmax.
@@ -19,12 +17,11 @@ settings mean the same distribution there and here):
     min_p        drop every token whose probability is below min_p x (probability of the top token).
                  Also adaptive, and cheap (no sort). 0.0 = off.
 
-Dropped tokens get the logit -inf, so softmax gives them probability exactly 0 and the survivors are
-renormalised. Why this order: temperature first, so every filter sees the distribution that will
-actually be sampled (top-p and min-p measure probabilities, and a cold temperature concentrates the
-mass, so fewer tokens make up p); then the cheap, fixed-size cut (top-k) before the shape-dependent
-ones; min-p last, measured on what the earlier filters left (after renormalising). Every filter keeps
-the most likely token, so there is always something to sample.
+Dropped tokens get the logit -inf: softmax gives them probability 0 and renormalises the survivors.
+Temperature comes first so every filter sees the distribution that will be sampled (top-p and min-p
+measure probabilities, and a cold temperature concentrates the mass); then the cheap fixed-size cut
+(top-k) before the shape-dependent ones; min-p last, on what the earlier filters left. Every filter
+keeps the most likely token, so there is always something to sample.
 
 Worked example, 5 tokens A..E, logits [2, 1.5, 1, 0, -1], temperature 0.5, top_k 4, top_p 0.9, min_p 0.2:
 
@@ -35,16 +32,13 @@ Worked example, 5 tokens A..E, logits [2, 1.5, 1, 0, -1], temperature 0.5, top_k
                                                         probs [.665 .245 .090  0    0  ]
     min_p 0.2        cut at 0.2 x .665 = .133: C goes   probs [.731 .269  0    0    0  ]
 
-so this request samples A 73% of the time and B 27%, and never C, D or E. With temperature 0 it would
-always give A.
+so this request samples A 73% of the time and B 27%, never C, D or E; with temperature 0 always A.
 
-Reproducibility: a request with a seed gets its own torch.Generator (make_generator), created once by
-the caller and kept across decode steps, and its random draw uses only that generator. So a seeded
-request produces the same tokens whether it runs alone or next to any other requests. The draw is the
-"exponential race": token = argmax(p_i / E_i) with E_i ~ Exp(1) independent. Token i wins with
-probability exactly p_i (the smallest of independent exponential "arrival times" E_i / p_i, with rates
-p_i, is arrival i with probability p_i / sum p), it needs no cumulative sum, and unseeded rows can
-draw their noise together in one call.
+Reproducibility: a seeded request gets its own torch.Generator (make_generator), kept across decode
+steps, and draws only from it: it produces the same tokens alone or in any batch. The draw is the
+"exponential race": token = argmax(p_i / E_i), E_i ~ Exp(1) independent. Token i wins with probability
+exactly p_i (of independent exponential arrival times E_i / p_i, with rates p_i, arrival i comes first
+with probability p_i / sum p); it needs no cumulative sum, and unseeded rows draw their noise together.
 
 Sampler.probs() returns the final distribution itself (greedy rows as a one-hot), because
 speculative decoding (07) needs the draft's and the target's distributions shaped by the same knobs.
@@ -61,8 +55,7 @@ import torch
 
 @dataclass
 class SamplingConfig:
-    """How one request picks its tokens and when it stops. The defaults sample from the model's own
-    distribution (temperature 1, no filters), like vLLM's SamplingParams."""
+    """One request's knobs and stop rules; defaults sample the model's own distribution, as vLLM's SamplingParams."""
     temperature: float = 1.0      # 0 = greedy (argmax)
     top_k: int = 0                # 0 = off
     top_p: float = 1.0            # 1.0 = off
@@ -106,9 +99,8 @@ class SamplingConfig:
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """A generator for one request: seeded from `seed`, or None (use the global RNG) when seed is None.
-    Create it once when the request arrives and pass the same object at every step: re-seeding each
-    step would draw the same noise every time."""
+    """One request's generator, seeded from `seed` (None: use the global RNG). Create it once and pass the
+    same object at every step: re-seeding each step would draw the same noise every time."""
     if seed is None:
         return None
     gen = torch.Generator(device=device)
@@ -145,14 +137,10 @@ def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
 
 def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability sums to >= p; p = 1 keeps all.
-
-    Done like transformers: sort ascending, and drop every token whose cumulative probability counted
-    from the bottom is <= 1 - p (what is left above them holds >= p). The last (largest) token is always
-    kept. With exact ties the sort order decides which of the tied tokens goes, as in transformers.
-    Pass top_p as float64 (B,): a float32 0.9 is already 0.899999976 before 1 - p is taken."""
-    # 1 - p is computed in float64 and then rounded, as transformers' `cumulative_probs <= (1 - top_p)`
-    # does with a Python float; 1 - float32(p) can differ in the last bit and flip a boundary token.
-    # Rows with p = 1 get -inf: nothing is <= -inf, so nothing is dropped (transformers skips the warper).
+    As transformers: sort ascending, drop every token whose cumulative probability from the bottom is
+    <= 1 - p (ties: the sort order decides). Pass top_p as float64 (B,): float32 0.9 is 0.899999976."""
+    # 1 - p in float64, then rounded, as transformers' `<= (1 - top_p)` with a Python float: 1 - float32(p)
+    # can differ in the last bit and flip a boundary token. p = 1 gets -inf: nothing is dropped.
     cut = torch.where(top_p < 1, 1 - top_p.double(), -math.inf).to(logits.dtype).unsqueeze(1)
     sorted_logits, sorted_idx = torch.sort(logits, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
@@ -168,15 +156,13 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     probs = logits.softmax(dim=-1)
     top = probs.amax(dim=-1, keepdim=True)
     drop = probs < min_p.to(probs.dtype).unsqueeze(1) * top
-    # Keep the top token (min_tokens_to_keep = 1). It already passes (p_max >= min_p * p_max for min_p
-    # <= 1); this only makes the guarantee explicit, as transformers does.
+    # keep the top token (min_tokens_to_keep = 1): it already passes, this makes it explicit as transformers does
     drop.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
     return logits.masked_fill(drop, -math.inf)
 
 
 def _on_rows(transform, logits: torch.Tensor, param: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """Apply `transform` only to the rows where `active`: skip it when no row needs it, and do not sort
-    or softmax rows that do not use it (they would come back unchanged anyway)."""
+    """`transform` on the `active` rows only: no call when none is, no sort or softmax of rows it leaves alone."""
     n = int(active.sum())
     if n == 0:
         return logits
@@ -188,10 +174,9 @@ def _on_rows(transform, logits: torch.Tensor, param: torch.Tensor, active: torch
 
 def exponential_noise(rows: int, vocab: int, generator: torch.Generator | None,
                       device: torch.device | str = "cpu") -> torch.Tensor:
-    """(rows, vocab) float32 draws of Exp(1), as -log(1 - U). U is drawn in float64 on purpose: float32
-    uniforms come in steps of 2^-24 = 6e-8, so the smallest draws (the ones that let a rare token win
-    the race) would be as coarse as the probabilities of the rare tokens themselves, and with 151,936
-    of them that adds up. (It is also ~3x faster here than torch's exponential_.)"""
+    """(rows, vocab) float32 draws of Exp(1), as -log(1 - U), U in float64: float32 uniforms come in steps
+    of 2^-24 = 6e-8, so the smallest draws (the ones that let a rare token win the race) would be as
+    coarse as the rare tokens' own probabilities, and with 151,936 of them that adds up."""
     u = torch.rand(rows, vocab, dtype=torch.float64, generator=generator, device=device)
     return u.neg_().log1p_().neg_().float()
 
@@ -200,12 +185,10 @@ class Sampler:
     """Picks one token per row of a batch of logits, each row with its own SamplingConfig."""
 
     def process(self, logits: torch.Tensor, configs: list[SamplingConfig]) -> torch.Tensor:
-        """The logits after temperature, top-k, top-p and min-p (dropped tokens at -inf), in float32.
-        Greedy rows (temperature 0) are returned unchanged: they only need an argmax."""
+        """The logits after temperature, top-k, top-p and min-p (dropped at -inf), in float32; greedy rows unchanged."""
         assert logits.dim() == 2 and logits.shape[0] == len(configs), "one config per row of (B, V) logits"
         dev = logits.device
-        # Sampling math in float32 even for bf16 logits: bf16 keeps 3 significant digits, too few for
-        # a cumulative sum over 151,936 probabilities.
+        # float32 even for bf16 logits: 3 significant digits are too few for a cumsum over 151,936 probabilities
         logits = logits.float()
         temperature = torch.tensor([c.temperature for c in configs], dtype=torch.float32, device=dev)
         top_k = torch.tensor([c.top_k for c in configs], dtype=torch.int64, device=dev)
@@ -240,8 +223,7 @@ class Sampler:
         tokens = probs.argmax(dim=-1)  # right for greedy rows (one-hot); sampled rows overwritten below
         rows = [r for r, c in enumerate(configs) if c.temperature > 0]
         p = probs[rows] if len(rows) < len(configs) else probs
-        # Exponential race: argmax(p / E), E ~ Exp(1). Unseeded rows draw their noise together from the
-        # global RNG; a seeded row draws V numbers from its own generator, whatever else is in the batch.
+        # exponential race: unseeded rows draw together from the global RNG, a seeded row V numbers from its own
         noise = torch.empty_like(p)
         seeded = [j for j, r in enumerate(rows) if generators[r] is not None]
         if len(seeded) < len(rows):

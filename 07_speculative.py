@@ -1,88 +1,64 @@
 """
 07 - Speculative decoding: a small draft model guesses, the target model checks all guesses at once.
 
-Decoding one token per forward is wasteful on a GPU: a batch-1 decode step reads every weight of the
-model to do one row of arithmetic, and checking five tokens costs about what checking one does. So
-let a cheap *draft* model propose k tokens autoregressively, then run the *target* once over the
-last token plus the k guesses: its logits at those k+1 positions say, for each guess, what the
-target itself would have produced there. Keep the guesses it agrees with; at the first it does not,
-take the target's own choice instead. One target forward now yields between 1 and k+1 tokens.
+A batch-1 decode step reads every weight to do one row of arithmetic, so checking five tokens costs
+about what checking one does. So a cheap *draft* model proposes k tokens one by one, and the *target*
+runs once over the last token plus the k guesses: its logits there say what it would have produced at
+each position. Keep the guesses it agrees with; at the first it does not, take the target's own
+choice. One target forward now yields between 1 and k+1 tokens.
 
-"Agrees with" has to be defined so the output is *exactly* what the target alone would sample
-(Leviathan et al. 2023, Chen et al. 2023). With q the draft's distribution and p the target's at
-the same position, and x ~ q the draft's token:
+"Agrees with" is defined so the output is *exactly* what the target alone would sample (Leviathan et
+al. 2023, Chen et al. 2023). With q the draft's distribution, p the target's at the same position,
+and x ~ q the draft's token:
 
     accept x with probability min(1, p(x) / q(x))
-    on rejection, sample instead from  normalize(max(p - q, 0))    (the "residual")
+    on rejection, sample instead from  normalize(max(p - q, 0))    (the "residual" r)
 
-Why the result is distributed as p: P(out = x) = q(x) min(1, p(x)/q(x)) + P(reject) r(x)
-= min(q(x), p(x)) + (p(x) - q(x))^+ = p(x), because P(reject) = sum_y (p(y) - q(y))^+ is exactly
-the normaliser of the residual r. Position i+1 is only looked at when position i was accepted, so
-the argument repeats along the run. When all k pass, the target's logits at the last position
-give one more token for free (the "bonus" token, sampled from p). Worked example, 4 tokens:
+Then P(out = x) = q(x) min(1, p(x)/q(x)) + P(reject) r(x) = min(q(x), p(x)) + (p(x) - q(x))^+ = p(x),
+because P(reject) = sum_y (p(y) - q(y))^+ is exactly r's normaliser. Position i+1 is only looked at
+when position i was accepted, so this repeats along the run; when all k pass, the target's logits at
+the last position give one more token for free (the "bonus" token, sampled from p). For example:
 
     token            A     B     C     D
     target p        .50   .30   .15   .05
     draft  q        .30   .50   .10   .10
     min(p, q)       .30   .30   .10   .05      sum .75: a draft token passes 75% of the time
-    residual        .80   0     .20   0        normalize(max(p - q, 0)) = [.2 0 .05 0] / .25
+    residual r      .80   0     .20   0        normalize(max(p - q, 0)) = [.2 0 .05 0] / .25
+    P(out)          .50   .30   .15   .05      min(p, q) + (1 - .75) r: that is p
+    (the draft says B: accepted with probability p/q = .6, else replaced by A (80%) or C (20%))
 
-    the draft says B (q = .5):  accepted with probability p/q = .6, else A (80%) or C (20%)
-    P(out = A) = .30 x 1 + .25 x .8 = .50      P(out = B) = .50 x .6 = .30
-    P(out = C) = .10 x 1 + .25 x .2 = .15      P(out = D) = .10 x .5 = .05     ... that is p.
+Greedy decoding (temperature 0) is the limit of the same rule: p and q become one-hots, so a guess is
+accepted iff it is the target's argmax, and the residual is the target's argmax. Temperature, top-k,
+top-p and min-p shape p and q alike (06's Sampler.probs): a request samples what it would alone.
 
-Greedy decoding (temperature 0) is the limit of the same rule: p and q become one-hots on their
-argmaxes, so a guess is accepted iff it is the target's argmax, and the residual is the target's
-argmax. The output ids are the target's greedy ids. Temperature, top-k, top-p and min-p shape p
-and q the same way (06's Sampler.probs), so a request samples what it would without a draft.
-
-What it costs: with alpha the chance that a guess passes (assumed the same at every position) and
-c the draft's cost per forward relative to the target's, one step produces on average
-(1 - alpha^(k+1)) / (1 - alpha) tokens for c*k + 1 target-forwards of time, so
+What it costs: with alpha the chance that a guess passes (the same at every position) and c the
+draft's cost per forward relative to the target's, a step yields (1 - alpha^(k+1)) / (1 - alpha)
+tokens for c k + 1 target forwards of time. A draft that is rarely right (alpha -> 0) makes things
+slower by c k + 1: speculation is a bet on the draft.
 
     expected speedup = (1 - alpha^(k+1)) / ((1 - alpha) (c k + 1))         (expected_speedup)
+    alpha = 0.8, c = 0.1, k = 4: 3.36 tokens per step for 1.4 forwards = 2.4x
 
-alpha = 0.8, c = 0.1, k = 4: 3.36 tokens per step for 1.4 forwards: 2.4x. A draft that is rarely
-right (alpha -> 0) makes things slower by c k + 1: speculation is a bet on the draft.
+In the engine: draft and target each keep a paged KV cache (04) keyed by the same sequence ids. Each
+sequence that samples this step gets up to k guesses: the draft first catches up on what it has not
+computed (the prompt, last step's replacement or bonus token, all after a preemption) in one packed
+forward, then proposes one token per forward. ONE target forward computes the prefill chunks and
+every last token + guesses (a verify span is just a prefill chunk of k+1 tokens), `rejection_sample`
+decides for the whole batch, and both caches roll back past the accepted length (`BlockManager.truncate`:
+no block leaks); only verified tokens reach the prefix cache. k is capped by max_tokens and max_model_len.
 
-In the engine: draft and target each keep their own paged KV cache (04), keyed by the same
-sequence ids. Each step, every sequence that samples (the end of its prefill, or a decode) gets
-up to k guesses: the draft first catches up on the tokens it has not computed (the prompt, the
-last step's replacement/bonus token, everything after a preemption) in one packed forward, then
-proposes one token per forward. The target computes the scheduled prefill chunks and each
-sequence's last token + guesses in ONE forward (a verify span is just a prefill chunk of k+1
-tokens), `rejection_sample` decides for the whole batch at once, and both caches are rolled back
-past the accepted length (`BlockManager.truncate`: no block leaks). Only verified tokens are
-committed to the prefix cache. k is capped so a step never goes past max_tokens or max_model_len.
+The built-in draft (no --draft-model) is the target's own first layers, embeddings, final norm and
+lm_head, shared (`early_exit_draft`, LayerSkip's "early exit"). With real weights the last layers
+mostly refine what earlier ones predict; with the random `demo` weights every layer moves the residual
+stream as much as the embedding does: the first 21 of 28 layers pass 13% of greedy guesses, 25 layers
+44%, 27 layers 73%. Keeping 7/8 of them shows guesses accepted and rejected but costs too much (c ~ 0.9)
+to speed anything up: for speed use a real small draft (`--draft-model Qwen/Qwen3-0.6B`, 1.7B+ target).
 
-The built-in draft when no --draft-model is given: the target's own first layers, embeddings,
-final norm and lm_head (shared, no copy: `early_exit_draft`, the "early exit" of LayerSkip).
-With real weights, the last layers mostly refine what the earlier ones already predict. With the
-random `demo` weights they do not: every random layer moves the residual stream as much as the
-embedding does, so the argmax over 151,936 tokens only survives if almost every layer is kept.
-Greedy acceptance of the first N of 28 layers, measured on `demo` (48 positions):
-
-    N       1-12    14    18    21    23    24    25    26    27
-    alpha   0.00   .02   .04   .13   .23   .27   .44   .48   .73
-
-so the built-in draft keeps 7/8 of the layers (25 of 28; in the engine, bf16, k = 4: alpha 0.32
-greedy and 0.53 at T = 1): enough to watch guesses being accepted and rejected, far too expensive
-to speed anything up (c ~ 0.9, expected speedup ~0.3-0.45x, and that is what it measures). It
-shows the mechanism; for speed use a real small draft (`--draft-model Qwen/Qwen3-0.6B` for a
-1.7B or larger target).
-
-Seeds: per step a seeded request draws its k guesses, k uniforms and one race for the last token,
-all from its own generator, so it is reproducible for a given (seed, draft, k) whatever else is
-batched; only a full KV pool, which makes it guess fewer tokens that step, changes the draws (the
-result is still exactly distributed, just another sample). Precision: greedy ids equal the
-target's bit for bit in fp32. In bf16 a (k+1)-token verify pass rounds differently from a 1-token
-decode, so where the top two logits are within rounding the argmax can flip, exactly as it does
-in the plain engine when chunked prefill changes the shapes; for the same reason the target as
-its own draft accepts 100% of its guesses in fp32 but ~80-90% in bf16.
-
-Metrics, named as vLLM names them: drafts (steps where a sequence guessed), draft tokens, accepted
-tokens, acceptance rate = accepted / draft tokens, mean acceptance length = 1 + accepted / drafts
-(the bonus or replacement token included), and the acceptance per position.
+A seeded request draws only from its own generator: its output depends on (seed, draft, k), not on the
+batch (a full KV pool, which cuts its guesses, changes the draws: still an exact sample). Greedy ids
+equal the target's bit for bit in fp32; in bf16 a (k+1)-token verify pass rounds unlike a 1-token
+decode and can flip near-tied argmaxes, as chunked prefill does (so the target as its own draft
+accepts ~80-90%, not 100%). Acceptance metrics are named as vLLM names them (SpecDecodingStats).
 
     python 07_speculative.py     # accept/reject step by step on a toy p and q, the histogram, a draft/target run
 """
@@ -90,6 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import statistics
 import sys
 import time
@@ -99,6 +76,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+T = importlib.import_module("01_tokenize")
 M = importlib.import_module("02_model")
 kv = importlib.import_module("03_kv_cache")
 paged = importlib.import_module("04_paged_attention")
@@ -107,15 +85,13 @@ S = importlib.import_module("06_sampling")
 
 # ----------------------------------------------------------------------------- the rule
 
-
 def _race_noise(vocab: int, generator, device) -> torch.Tensor:
     """(vocab,) Exp(1) draws for 06's exponential race (argmax p / E ~ p), floored so 0/0 never happens."""
     return S.exponential_noise(1, vocab, generator, device)[0].clamp_(min=torch.finfo(torch.float32).tiny)
 
 
 def sample_from_probs(probs: torch.Tensor, greedy: list[bool], generators: list) -> torch.Tensor:
-    """One token per row of probs (B, V), as 06's Sampler draws it: greedy rows take the argmax, the
-    others win an exponential race with V draws from their own generator (or the global RNG)."""
+    """One token per row of probs (B, V) as 06's Sampler draws it: the argmax for greedy rows, else the race."""
     tokens = probs.argmax(dim=1)                                                     # (B,)
     for r, gen in enumerate(generators):
         if not greedy[r]:
@@ -126,18 +102,12 @@ def sample_from_probs(probs: torch.Tensor, greedy: list[bool], generators: list)
 def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tensor, draft_probs: torch.Tensor,
                      target_probs: torch.Tensor, greedy: list[bool],
                      generators: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decide a batch of guesses at once (vLLM's RejectionSampler).
-
-    draft_token_ids (B, k): row r's first num_draft_tokens[r] entries are its guesses x_1..x_n (n may be
-        0: then the row just samples from p_0, which is plain decoding);
-    draft_probs (B, k, V): q_i, the distribution guess i was drawn from;
-    target_probs (B, k+1, V): p_i, the target's distribution at each position (p_n for the bonus).
-    Row r draws, from its own generator and in this order: n uniforms, then V exponentials for the
-    last token (greedy rows draw nothing), so a seeded request's draws never depend on the batch.
-
-    Returns output_token_ids (B, k+1): the accepted guesses, then the replacement or bonus token,
-    then -1; and num_accepted (B,). A row's new tokens are output_token_ids[r, :num_accepted[r] + 1].
-    """
+    """Decide a batch of guesses at once (vLLM's RejectionSampler). Row r's guesses are draft_token_ids[r, :n],
+    n = num_draft_tokens[r] (n = 0: plain decoding); guess i was drawn from q_i, draft_probs (B, k, V), and
+    target_probs (B, k+1, V) holds p_i (p_n for the bonus). Row r draws n uniforms, then V exponentials for
+    the last token from its own generator (greedy rows nothing), so a seeded request's draws never depend on
+    the batch. Returns output_token_ids (B, k+1): accepted guesses, the replacement or bonus token, then -1;
+    and num_accepted (B,)."""
     B, k, V = draft_probs.shape
     device = target_probs.device
     in_draft = torch.arange(k, device=device)[None, :] < num_draft_tokens[:, None]  # (B, k)
@@ -172,16 +142,15 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tens
 
 
 def expected_speedup(alpha: float, k: int, c: float) -> float:
-    """Leviathan et al.'s expected walltime improvement: tokens per step / cost per step in target
-    forwards, (1 - alpha^(k+1)) / ((1 - alpha)(c k + 1)). alpha = 1 is the limit (k+1) / (c k + 1)."""
+    """Leviathan et al.'s expected walltime improvement (see the top); alpha = 1 is the limit (k+1) / (c k + 1)."""
     tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
     return tokens / (c * k + 1)
 
 
 @dataclass
 class SpecDecodingStats:
-    """Counts of one run (vLLM's SpecDecodingStats). Position i of a draft is *checked* when guesses
-    0..i-1 were all accepted (after a rejection, later guesses are never looked at)."""
+    """Counts of one run, named as vLLM's SpecDecodingStats (a draft: one step where a sequence guessed).
+    Position i of a draft is *checked* when guesses 0..i-1 were all accepted (later ones are never looked at)."""
     num_spec_tokens: int
     num_drafts: int = 0
     num_draft_tokens: int = 0
@@ -190,9 +159,8 @@ class SpecDecodingStats:
     num_checked_tokens_per_pos: list[int] = field(default_factory=list)
 
     def __post_init__(self):
-        k = self.num_spec_tokens
-        self.num_accepted_tokens_per_pos = self.num_accepted_tokens_per_pos or [0] * k
-        self.num_checked_tokens_per_pos = self.num_checked_tokens_per_pos or [0] * k
+        self.num_accepted_tokens_per_pos = self.num_accepted_tokens_per_pos or [0] * self.num_spec_tokens
+        self.num_checked_tokens_per_pos = self.num_checked_tokens_per_pos or [0] * self.num_spec_tokens
 
     def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
         self.num_drafts += 1
@@ -223,9 +191,7 @@ class SpecDecodingStats:
 
     @property
     def alpha(self) -> float:
-        """alpha for expected_speedup: accepted / checked over all positions (the maximum-likelihood
-        estimate when every position passes with the same chance). Unlike the acceptance rate, it
-        does not count guesses that were never checked."""
+        """accepted / checked: the maximum-likelihood alpha for expected_speedup (unchecked guesses don't count)."""
         checked = sum(self.num_checked_tokens_per_pos)
         return self.num_accepted_tokens / checked if checked else 0.0
 
@@ -239,16 +205,13 @@ class SpecDecodingStats:
 
 # ----------------------------------------------------------------------------- the draft
 
-
 def default_draft_layers(num_layers: int) -> int:
-    """Layers the built-in draft keeps: 7/8 of them and at least one fewer than the target
-    (25 of Qwen3-0.6B's 28, 2 of `tiny`'s 3; see the top for why so many)."""
+    """Layers the built-in draft keeps: 7/8, at least one fewer than the target (25 of 28, 2 of `tiny`'s 3)."""
     return max(1, num_layers - max(1, num_layers // 8))
 
 
 def early_exit_draft(target: M.Qwen3ForCausalLM, num_layers: int) -> M.Qwen3ForCausalLM:
-    """A draft made of the target's first num_layers layers, its embeddings, final norm and lm_head.
-    Shared modules, not copies: it costs no memory beyond its own (smaller) KV cache."""
+    """A draft of the target's first num_layers layers, embeddings, final norm and lm_head: shared, not copied."""
     if not 1 <= num_layers <= target.config.num_hidden_layers:
         raise ValueError(f"an early-exit draft needs 1..{target.config.num_hidden_layers} layers, got {num_layers}")
     with torch.device("meta"):  # the skeleton only; every module is replaced by the target's
@@ -271,11 +234,23 @@ def check_same_vocabulary(target_cfg: M.ModelConfig, draft_cfg: M.ModelConfig, t
                          "speculative decoding needs the same vocabulary")
 
 
+def load_draft(target: M.Qwen3ForCausalLM, target_folder: str, target_tokenizer, name: str | None, load):
+    """The draft for `name`: None, the target's own first layers (shared weights, no copy); the
+    target's own folder, the target itself (acceptance ~1: a check, not a speedup); else any Qwen3
+    checkpoint with the target's vocabulary, loaded by load(folder) (a ValueError if the vocabulary differs)."""
+    if name is None:
+        return early_exit_draft(target, default_draft_layers(target.config.num_hidden_layers))
+    folder = M.resolve_model(name)
+    if os.path.realpath(folder) == os.path.realpath(target_folder):
+        return target
+    check_same_vocabulary(target.config, M.load_config(folder), target_tokenizer, T.load_tokenizer(folder), name)
+    return load(folder)
+
+
 def forward_spans(model, kv_cache, block_manager, spans, token_ids: list[int],
                   logits_indices: list[int], backend=paged.TORCH_SDPA) -> torch.Tensor:
-    """One packed forward over the paged cache: span (seq_id, start, end) computes positions [start, end)
-    of its sequence (token_ids holds all spans' tokens back to back). Logits (len(logits_indices), V)
-    in fp32 at those packed indices. backend: 04's attention backend (the engine may plug in a faster one)."""
+    """One packed forward over the paged cache: span (seq_id, start, end) computes positions [start, end) of its
+    sequence, token_ids holds all spans' tokens back to back. fp32 logits (L, V) at logits_indices; backend: 04's."""
     device = kv_cache.device
     positions = [p for _, start, end in spans for p in range(start, end)]
     ctx = paged.PagedContext.from_spans(kv_cache, block_manager, spans, backend=backend)
@@ -285,12 +260,8 @@ def forward_spans(model, kv_cache, block_manager, spans, token_ids: list[int],
 
 
 class DraftRunner:
-    """The draft model with its own paged KV cache and BlockManager, keyed by the target's sequence ids.
-
-    It remembers how many tokens of each sequence it has computed (`num_computed_tokens`), which may
-    lag the target: it catches up when it next proposes. Prefix caching works as in the target, with
-    only verified tokens committed (`rollback`), so equal prompts share the draft's blocks too.
-    """
+    """The draft model with its own paged KV cache and BlockManager, keyed by the target's sequence ids. Its
+    `num_computed_tokens` may lag the target's: it catches up when it next proposes."""
 
     def __init__(self, model, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  backend=paged.TORCH_SDPA):
@@ -319,9 +290,8 @@ class DraftRunner:
 
     @torch.inference_mode()
     def propose(self, seqs, num_tokens: list[int], generators: list) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Up to num_tokens[i] guesses for seqs[i], each drawn from the draft's q shaped by the request's
-        sampling parameters. Returns draft_token_ids (B, k_max), draft_probs (B, k_max, V) (zero past a
-        row's guesses) and the number each row got (less than asked when the draft's pool is full)."""
+        """Up to num_tokens[i] guesses for seqs[i], drawn from the draft's q shaped by the request's knobs. Returns
+        draft_token_ids (B, k_max), draft_probs (B, k_max, V) (zero past a row's guesses) and how many each row got."""
         ks = [self._reserve(seq, k) if k else 0 for seq, k in zip(seqs, num_tokens)]
         k_max, V, device = max(ks, default=0), self.model.config.vocab_size, self.kv_cache.device
         draft_token_ids = torch.zeros(len(seqs), k_max, dtype=torch.int64, device=device)   # (B, k_max)
@@ -351,8 +321,7 @@ class DraftRunner:
         return draft_token_ids, draft_probs, ks
 
     def rollback(self, seq_id: int, verified_token_ids: list[int]) -> None:
-        """After verification: keep the draft's KV only for verified tokens (the rejected guesses'
-        slots and any block past them go back to the pool) and commit the verified full blocks."""
+        """After verification: keep the draft's KV for verified tokens only and commit their full blocks."""
         if seq_id not in self.num_computed_tokens:
             return
         bm = self.block_manager
@@ -369,7 +338,6 @@ class DraftRunner:
 
 # ----------------------------------------------------------------------------- draft + target
 
-
 @dataclass
 class VerifiedTokens:
     """What one sequence got from one speculative step."""
@@ -383,13 +351,8 @@ class VerifiedTokens:
 
 
 class SpeculativeDecoder:
-    """One engine step with speculation, given the scheduler's batch and the target's cache.
-
-    `step` computes the scheduled prefill chunks and, for each sequence that samples, its last
-    token plus up to k guesses, all in one target forward; it moves num_computed_tokens, rolls both
-    caches back past the accepted tokens and commits the verified ones. It does not append the new
-    tokens to the sequences: the caller does, one at a time through its stop rules.
-    """
+    """One engine step with speculation (see the top). `step` does not append the new tokens to the sequences:
+    the caller does, one at a time through its stop rules."""
 
     def __init__(self, model, kv_cache, block_manager, draft: DraftRunner, num_speculative_tokens: int,
                  max_model_len: int, backend=paged.TORCH_SDPA):
@@ -397,8 +360,7 @@ class SpeculativeDecoder:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         self.model, self.kv_cache, self.block_manager = model, kv_cache, block_manager
         self.draft, self.backend = draft, backend
-        self.num_speculative_tokens = num_speculative_tokens
-        self.max_model_len = max_model_len
+        self.num_speculative_tokens, self.max_model_len = num_speculative_tokens, max_model_len
         self.sampler = S.Sampler()
         self.stats = SpecDecodingStats(num_speculative_tokens)
 
@@ -413,25 +375,24 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def step(self, batch, generators: list) -> list[VerifiedTokens]:
-        """generators[i]: batch.seqs[i]'s torch.Generator (or None). Returns one VerifiedTokens per
-        sequence that sampled this step."""
+        """generators[i]: batch.seqs[i]'s torch.Generator (or None). One VerifiedTokens per sampling sequence."""
         for seq in batch.preempted:
             self.draft.free(seq.seq_id)
         bm = self.block_manager
         sampling = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                     if seq.num_computed_tokens + n == seq.num_tokens]
+        seqs = [batch.seqs[i] for i in sampling]
         # target slots for the guesses (the scheduler reserved the step's own tokens), then the guesses
         wanted = []
-        for i in sampling:
-            sid, k = batch.seqs[i].seq_id, self.num_to_draft(batch.seqs[i])
-            while k and not bm.can_allocate(k, sid):
+        for seq in seqs:
+            k = self.num_to_draft(seq)
+            while k and not bm.can_allocate(k, seq.seq_id):
                 k -= 1
-            bm.append_slots(sid, k)
+            bm.append_slots(seq.seq_id, k)
             wanted.append(k)
-        draft_token_ids, draft_probs, ks = self.draft.propose(
-            [batch.seqs[i] for i in sampling], wanted, [generators[i] for i in sampling])
-        for i, want, k in zip(sampling, wanted, ks):
-            bm.truncate(batch.seqs[i].seq_id, want - k)      # the draft's pool could not hold them all
+        draft_token_ids, draft_probs, ks = self.draft.propose(seqs, wanted, [generators[i] for i in sampling])
+        for seq, want, k in zip(seqs, wanted, ks):
+            bm.truncate(seq.seq_id, want - k)      # the draft's pool could not hold them all
 
         # one target forward: prefill chunks, and last token + guesses of every sampling sequence
         row_of = {i: r for r, i in enumerate(sampling)}
@@ -439,19 +400,15 @@ class SpeculativeDecoder:
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
             token_ids += seq.token_ids[start:start + n]
-            k = 0
+            k = ks[row_of[i]] if i in row_of else 0
             if i in row_of:
-                r = row_of[i]
-                k = ks[r]
-                token_ids += draft_token_ids[r, :k].tolist()
+                token_ids += draft_token_ids[row_of[i], :k].tolist()
                 logits_indices += range(len(token_ids) - k - 1, len(token_ids))
             spans.append((seq.seq_id, start, start + n + k))
+        logits = forward_spans(self.model, self.kv_cache, bm, spans, token_ids, logits_indices, self.backend)  # (L, V)
         if not sampling:   # only prefill chunks that do not reach the end: nothing to sample
-            forward_spans(self.model, self.kv_cache, bm, spans, token_ids, [], self.backend)
             self._advance(batch)
             return []
-        logits = forward_spans(self.model, self.kv_cache, bm, spans, token_ids, logits_indices, self.backend)   # (L, V)
-        seqs = [batch.seqs[i] for i in sampling]
         probs = self.sampler.probs(logits, [s.sampling for s, k in zip(seqs, ks) for _ in range(k + 1)])  # (L, V)
         k_max, V = draft_token_ids.shape[1], logits.shape[1]
         row = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(ks) + 1).to(logits.device)  # (L,)
@@ -492,15 +449,13 @@ class SpeculativeDecoder:
 def generate(model, draft_model, prompts: list[list[int]], params: list, num_speculative_tokens: int,
              num_blocks: int = 256, block_size: int = 16, max_model_len: int = 1024,
              max_num_seqs: int = 256) -> tuple[list[list[int]], SpeculativeDecoder]:
-    """The smallest loop around SpeculativeDecoder (05's Scheduler, max_tokens as the only stop rule),
-    for the demo and the tests; the engine adds eos, stop strings and streaming. params[i] is prompt
-    i's SamplingConfig. Returns the generated ids per prompt and the decoder (its stats and pools)."""
+    """The smallest loop around SpeculativeDecoder (05's Scheduler, max_tokens the only stop rule) for the demo
+    and tests; params[i] is prompt i's SamplingConfig. Returns the ids per prompt and the decoder."""
     weight = model.model.embed_tokens.weight
     bm = paged.BlockManager(num_blocks, block_size)
-    decoder = SpeculativeDecoder(model, paged.allocate_kv_cache(model.config, num_blocks, block_size, weight.dtype,
-                                                                weight.device),
-                                 bm, DraftRunner(draft_model, num_blocks, block_size), num_speculative_tokens,
-                                 max_model_len)
+    kv_cache = paged.allocate_kv_cache(model.config, num_blocks, block_size, weight.dtype, weight.device)
+    decoder = SpeculativeDecoder(model, kv_cache, bm, DraftRunner(draft_model, num_blocks, block_size),
+                                 num_speculative_tokens, max_model_len)
     scheduler = sched.Scheduler(bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=max(512, max_num_seqs))
     seqs = [sched.Sequence(i, list(p), len(p), params[i]) for i, p in enumerate(prompts)]
     generators = {s.seq_id: S.make_generator(s.sampling.seed, weight.device) for s in seqs}
@@ -518,10 +473,8 @@ def generate(model, draft_model, prompts: list[list[int]], params: list, num_spe
 
 @torch.inference_mode()
 def measure_cost_ratio(target, draft, context_len: int = 64, rounds: int = 5, repeats: int = 4) -> float:
-    """c for expected_speedup: the draft's time for one single-token decode forward (logits included)
-    after context_len cached tokens, over the target's. Measured in alternating rounds of `repeats`
-    forwards of each model (after one warm-up forward each), so a machine that gets busier or quieter
-    meanwhile slows both alike; the median forward time of each."""
+    """c for expected_speedup: the draft's median time for a 1-token decode forward after context_len cached tokens,
+    over the target's; warmed up, then rounds of `repeats` forwards alternating, so load changes slow both alike."""
     caches, times = [], ([], [])
     for model in (draft, target):
         weight = model.model.embed_tokens.weight
@@ -543,7 +496,6 @@ def measure_cost_ratio(target, draft, context_len: int = 64, rounds: int = 5, re
 
 # ----------------------------------------------------------------------------- demo
 
-
 def main() -> int:
     import tempfile
     from rich.console import Console
@@ -553,10 +505,10 @@ def main() -> int:
     words = ["A", "B", "C", "D"]
     p = torch.tensor([0.50, 0.30, 0.15, 0.05])
     q = torch.tensor([0.30, 0.50, 0.10, 0.10])
-    residual = (p - q).clamp(min=0) / (p - q).clamp(min=0).sum()
+    residual = (p - q).clamp(min=0)   # unnormalised: the race does not need it
     table = Table("token", "target p", "draft q", "min(p, q)", "residual", box=None, padding=(0, 2))
     for i, w in enumerate(words):
-        table.add_row(w, f"{p[i]:.2f}", f"{q[i]:.2f}", f"{min(p[i], q[i]):.2f}", f"{residual[i]:.2f}")
+        table.add_row(w, f"{p[i]:.2f}", f"{q[i]:.2f}", f"{min(p[i], q[i]):.2f}", f"{residual[i] / residual.sum():.2f}")
     console.print("[bold]One guess, toy distributions[/]: accept x ~ q with probability min(1, p(x)/q(x)), "
                   "else sample the residual normalize(max(p - q, 0))")
     console.print(table)
@@ -568,11 +520,10 @@ def main() -> int:
         x = int(sample_from_probs(q[None], [False], [gen])[0])
         u = float(torch.rand(1, dtype=torch.float64, generator=gen))
         ratio = float(p[x] / q[x])
-        if u < ratio:
-            steps.add_row(str(trial), words[x], f"{ratio:.2f}", f"{u:.2f}", "[green]accept[/]", words[x])
-        else:
-            y = int(sample_from_probs((p - q).clamp(min=0)[None], [False], [gen])[0])
-            steps.add_row(str(trial), words[x], f"{ratio:.2f}", f"{u:.2f}", "[red]reject[/]: residual", words[y])
+        verdict, y = "[green]accept[/]", x
+        if u >= ratio:
+            verdict, y = "[red]reject[/]: residual", int(sample_from_probs(residual[None], [False], [gen])[0])
+        steps.add_row(str(trial), words[x], f"{ratio:.2f}", f"{u:.2f}", verdict, words[y])
     console.print(steps)
     n = 20000
     # rejection_sample with one guess per row: the guess must really be drawn from q, so draw it first
@@ -589,11 +540,10 @@ def main() -> int:
     if (freq - p).abs().max() > 0.02:
         raise SystemExit("the outputs do not follow the target distribution")
 
-    tokenize = importlib.import_module("01_tokenize")
     with tempfile.TemporaryDirectory() as tmp:
         folder = M.make_random_checkpoint(tmp, "tiny", seed=0, dtype="float32")
         target = M.load_model(folder, torch.float32)
-        tok = tokenize.load_tokenizer(folder)
+        tok = T.load_tokenizer(folder)
     prompts = [tok.encode(t) for t in ("The capital of France is", "Speculative decoding")]
     greedy = S.SamplingConfig(temperature=0, max_tokens=16, ignore_eos=True)
     reference = [kv.generate_with_cache(target, p, 16) for p in prompts]
@@ -615,9 +565,7 @@ def main() -> int:
     console.print(runs)
     console.print("rate = accepted / guesses, mean len = 1 + accepted / drafts, alpha = accepted / checked, "
                   "c = draft/target time per decode forward, expected = expected_speedup(alpha, k, c).\n"
-                  "Random weights: the truncated draft rarely agrees (the docstring says why), and a draft as "
-                  "costly as the target cannot win even when always right. A speedup needs a draft that is "
-                  "both cheap and usually right.")
+                  "Random weights: the truncated draft rarely agrees; a speedup needs a cheap, usually right draft.")
     console.print(f"[dim]done in {time.perf_counter() - t_start:.1f}s[/]")
     return 0
 

@@ -90,9 +90,8 @@ def read_buffer(device) -> torch.Tensor:
 
 
 def memory_read_gbps(device, x: torch.Tensor | None = None) -> float:
-    """Streaming read bandwidth: sum a 512 MiB buffer (`read_buffer`). On CPU the most this
-    machine reads (on a 2-core Xeon 28.8 GB/s, where the same sum over 4 KiB pages, the TLB missing
-    every 4 KiB, read 22.5)."""
+    """Streaming read bandwidth: sum a 512 MiB buffer (`read_buffer`), on CPU on 2 MiB pages (over
+    4 KiB pages the TLB misses every 4 KiB and the sum reads less than the machine can)."""
     x = read_buffer(device) if x is None else x
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t = best_time(lambda: (x.sum(), sync()))
@@ -219,8 +218,8 @@ class PairedReads:
 def paired_decode_fraction(eng, prompts, outs, weight_bytes: int, device, rng: random.Random) -> dict:
     """The decode workload again (look-alike prompts), with the read bandwidth measured between
     every 16 decode steps (PairedReads). A VM's bandwidth can change between the samples taken
-    before and after a workload (30-37 GB/s for minutes, 60-69 in between, on a 2-core EPYC), and
-    then the fraction against either sample says little. Here each stretch of steps is compared with
+    before and after a workload (docs/performance.md), and then the fraction against either
+    sample says little. Here each stretch of steps is compared with
     the mean of the two reads around it: fraction = tokens / sum(seconds x roofline of its stretch).
     The timed run's figures are not touched (it has no observer)."""
     watch = PairedReads(device)
@@ -295,11 +294,9 @@ def warm_up_compiled(eng, wl: dict, names, rng: random.Random) -> None:
 def free_compiled_code() -> None:
     """Drop every compiled graph and the frozen weights they hold, before the next engine or
     transformers loads its own. torch._dynamo.reset() forgets the graphs, but the Python modules
-    inductor generated for them stay imported and keep their frozen weights as module globals:
-    measured with `demo` in fp32, two decode buckets left 2.8 GB resident after the engine was
-    deleted, and a full-size fp32 run (five buckets) was killed for memory when transformers
-    loaded next. Dropping those modules (from inductor's module cache and sys.modules) lets them,
-    and the weights, go: 0.5 GB resident after, measured the same way."""
+    inductor generated for them stay imported and keep their frozen weights as module globals (GBs
+    for the full-size model, enough for transformers to run out of memory next). Dropping those
+    modules (from inductor's module cache and sys.modules) lets them, and the weights, go."""
     from torch._inductor.codecache import PyCodeCache
     gc.collect()
     torch._dynamo.reset()
@@ -334,9 +331,9 @@ def bench_dtype(args, dtype_name: str, machine: dict) -> dict:
     if args.compile:
         warm_up_compiled(eng, wl, args.workloads, warm_rng)
     startup += time.perf_counter() - t
-    # A VM shares its memory bandwidth with its neighbours: on a 2-core EPYC the same `sum` read 30-35
-    # GB/s for minutes and 64 in between. So the read roofline is sampled before the workloads and
-    # again right after the decode workload, and the fraction is taken against the higher sample.
+    # A VM shares its memory bandwidth with its neighbours, and the same `sum` can read twice as fast
+    # for minutes at a time. So the read roofline is sampled before the workloads and again right
+    # after the decode workload, and the fraction is taken against the higher sample.
     reads = [memory_read_gbps(device)]
     result = {"dtype": str(dtype).removeprefix("torch."), "startup_s": round(startup, 1),
               "memory_read_gb_s": round(reads[0], 1),

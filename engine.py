@@ -12,10 +12,9 @@ Logits are computed only at the positions that sample (the last token of each se
 KV is now complete), the sampler draws one token for each, and finished requests leave the
 batch at once: the next step may already contain a request that arrived meanwhile.
 
-Hook points: `engine.observers` is a list of objects with an `on_event(event: str, data: dict)`
-method. The teaching modes (modes/) subscribe there; the engine never imports them. Every
-emission site is guarded by `if self.observers:`, so with nobody listening the cost is one
-falsy check: no strings built, no dicts, no `.item()`. The events, in the order they happen:
+Hook points: `engine.observers` holds objects with an `on_event(event: str, data: dict)` method; the
+teaching modes (modes/) subscribe there, and the engine never imports them. Every emission is behind
+`if self.observers:`: with nobody listening, no strings, no dicts, no `.item()`. The events, in order:
 
     tokenized         request_id, text, token_ids                    (a text prompt was encoded)
     request_added     request_id, prompt, prompt_token_ids, sampling, waiting
@@ -32,14 +31,11 @@ falsy check: no strings built, no dicts, no `.item()`. The events, in the order 
     step_done         step, seconds, num_tokens, num_seqs, num_used_blocks, num_free_blocks, running, waiting
     finished          request_id, output, reason, freed_blocks, cached_blocks, num_free_blocks
 
-Speed, one flag beside the plain path each:
-  - fast paths (nano_kernels/, plugged in by `nano_kernels.plug_in` at startup): on a CPU, C++ attention that
-    reads the paged cache in place, a GEMV that streams the weights for decode rows, norms in one
-    call each, weights and KV pool on huge pages. Each is tested against the plain path it replaces.
-  - CUDA graphs (CUDA, unless `enforce_eager`): decode steps replayed per batch-size and block-table
-    width bucket (`CUDAGraphDecoder`), so the Python and launch overhead of 28 layers disappears.
-  - `compile`: torch.compile (inductor) of the steps of up to max_num_seqs tokens, padded to
-    power-of-two buckets (on a CPU decode steps only), attention one opaque op so a step is one graph.
+Speed, each beside the plain path it is tested against:
+  - nano_kernels/ (`nano_kernels.plug_in` at startup): on a CPU, C++ attention that reads the paged
+    cache in place, a GEMV for decode rows, one-call norms, weights and KV pool on huge pages;
+  - CUDA graphs (CUDA, unless `enforce_eager`): decode steps replayed per batch and table-width bucket;
+  - `compile`: torch.compile of steps of up to max_num_seqs tokens padded to power-of-two buckets.
 """
 from __future__ import annotations
 
@@ -64,7 +60,7 @@ sampling = importlib.import_module("06_sampling")
 spec = importlib.import_module("07_speculative")
 
 SamplingConfig = sampling.SamplingConfig
-Sequence, SequenceStatus = sched.Sequence, sched.SequenceStatus
+Sequence = sched.Sequence
 
 
 # The KV pool's default size on a CPU, in GiB: a laptop's share (--kv-cache-memory-gb changes it).
@@ -120,22 +116,8 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
-def resolve_model(name: str) -> str:
-    """A local folder for a preset name, a folder, or a hub id (see 02_model.download_model)."""
-    if name in qwen3.PRESETS:
-        return qwen3.preset_checkpoint(name)
-    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        path = os.path.expanduser(name)
-        if not os.path.isdir(path):
-            raise qwen3.CheckpointError(f"model folder {name!r} does not exist "
-                                        "(allowed: a local folder, a hub id like Qwen/Qwen3-0.6B, demo or tiny)")
-        return path
-    return qwen3.download_model(name)
-
-
 def bucket(n: int, limit: int) -> int:
-    """The smallest power of two >= n, capped at limit: the shapes compiled code and CUDA graphs
-    are made for. Padding to a few sizes means a handful of compilations instead of one per step."""
+    """The smallest power of two >= n, capped at limit: the few shapes compiled code and CUDA graphs are made for."""
     return min(1 << (n - 1).bit_length(), max(limit, n))
 
 
@@ -145,8 +127,7 @@ class LLMEngine:
         self.config = config
         self.device = qwen3.resolve_device(config.device)
         self.dtype = qwen3.resolve_dtype(config.dtype, self.device)
-        folder = resolve_model(config.model)
-        self.model_path = folder
+        self.model_path = folder = qwen3.resolve_model(config.model)
         cpu = self.device.type == "cpu"
         if cpu:
             keep_freed_memory_mapped()
@@ -160,7 +141,8 @@ class LLMEngine:
         self.tokenizer = tokenizer or tokenize.load_tokenizer(folder)
         self.max_model_len = min(config.max_model_len or 4096, mc.max_position_embeddings)
         # 07: the draft comes before the pool is sized (its weights and its own KV pool take memory too)
-        self.draft_model = self._load_draft() if config.speculative else None
+        self.draft_model = spec.load_draft(self.model, folder, self.tokenizer, config.draft_model,
+                                           self._load_draft) if config.speculative else None
 
         bytes_per_block = mc.kv_bytes_per_token(self.dtype) * config.block_size
         if self.draft_model is not None:   # the draft's pool has as many blocks as the target's
@@ -169,11 +151,11 @@ class LLMEngine:
         self.kv_cache_bytes = self.num_kv_blocks * bytes_per_block
         max_blocks_per_seq = -(-self.max_model_len // config.block_size)
         if self.num_kv_blocks < max_blocks_per_seq:
-            raise ValueError(f"a KV pool of {self.num_kv_blocks} blocks of {config.block_size} tokens "
-                             f"({kv_cache_lesson.fmt_bytes(self.kv_cache_bytes)}) cannot hold one sequence of max_model_len "
-                             f"{self.max_model_len} ({max_blocks_per_seq} blocks, "
-                             f"{kv_cache_lesson.fmt_bytes(max_blocks_per_seq * bytes_per_block)}): raise --kv-cache-memory-gb "
-                             "or --num-kv-blocks, or lower --max-model-len")
+            fmt = kv_cache_lesson.fmt_bytes
+            raise ValueError(f"a KV pool of {self.num_kv_blocks} blocks ({fmt(self.kv_cache_bytes)}) cannot hold one "
+                             f"sequence of max_model_len {self.max_model_len} ({max_blocks_per_seq} blocks, "
+                             f"{fmt(max_blocks_per_seq * bytes_per_block)}): raise --kv-cache-memory-gb or "
+                             "--num-kv-blocks, or lower --max-model-len")
         cuda_graphs = self.device.type == "cuda" and not config.enforce_eager
         # CUDA graphs pad decode batches with rows that write to one extra scratch block
         self.kv_cache = paged.allocate_kv_cache(mc, self.num_kv_blocks + cuda_graphs, config.block_size,
@@ -201,18 +183,8 @@ class LLMEngine:
         self.stats = dict(prompt_tokens=0, generated_tokens=0, prefill_tokens=0, prefill_time_s=0.0,
                           decode_tokens=0, decode_time_s=0.0, steps=0, kv_blocks_peak=0)
 
-    def _load_draft(self):
-        """07: the draft model. draft_model None: the target's first layers (shared weights, no copy);
-        otherwise any Qwen3 checkpoint with the target's vocabulary (a ValueError that says so if not)."""
-        name = self.config.draft_model
-        if name is None:
-            return spec.early_exit_draft(self.model, spec.default_draft_layers(self.model_config.num_hidden_layers))
-        folder = resolve_model(name)
-        if os.path.realpath(folder) == os.path.realpath(self.model_path):
-            return self.model   # the target as its own draft (acceptance ~1: a check, not a speedup): no second copy
-        spec.check_same_vocabulary(self.model_config, qwen3.load_config(folder), self.tokenizer,
-                                   tokenize.load_tokenizer(folder), name)
-        # the same fast paths and pages as the target
+    def _load_draft(self, folder: str):
+        """A draft checkpoint, with the same fast paths and pages as the target."""
         draft = qwen3.load_model(folder, self.dtype, self.device, allocate=nano_kernels.weight_allocator(self.device))
         nano_kernels.plug_in(draft, self.device, self.dtype, self.config.block_size)
         return draft
@@ -220,21 +192,12 @@ class LLMEngine:
     def _auto_num_blocks(self, bytes_per_block: int) -> int:
         if self.config.kv_cache_memory_gb is not None:
             return max(1, int(self.config.kv_cache_memory_gb * 2**30 // bytes_per_block))
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":   # what others leave of the card, less 1 GiB for activations
             free, total = torch.cuda.mem_get_info(self.device)
-            used_by_others = total - free
-            budget = total * self.config.gpu_memory_utilization - used_by_others - 2**30  # 1 GiB for activations
-            return max(1, int(budget // bytes_per_block))
-        # CPU: CPU_KV_CACHE_GB (memory is shared with the weights and the rest of the machine), or
-        # less where that is more than every sequence slot at max length needs.
+            return max(1, int((total * self.config.gpu_memory_utilization - (total - free) - 2**30) // bytes_per_block))
+        # CPU: CPU_KV_CACHE_GB, or less where every sequence slot at max length needs less
         want = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
         return max(1, min(want, int(CPU_KV_CACHE_GB * 2**30 // bytes_per_block)))
-
-    # --------------------------------------------------------------- hooks
-
-    def _emit(self, event: str, **data) -> None:
-        for observer in self.observers:
-            observer.on_event(event, data)
 
     # --------------------------------------------------------------- requests
 
@@ -248,8 +211,8 @@ class LLMEngine:
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
-                             "so at most {} prompt tokens fit".format(self.max_model_len - 1))
+            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, so at most "
+                             f"{self.max_model_len - 1} prompt tokens fit")
         bad = [i for i in ids if not 0 <= i < self.model_config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
@@ -343,6 +306,10 @@ class LLMEngine:
         return outputs
 
     # --------------------------------------------------------------- events (only with observers)
+
+    def _emit(self, event: str, **data) -> None:
+        for observer in self.observers:
+            observer.on_event(event, data)
 
     def _observe_schedule(self, batch) -> None:
         bm, known = self.block_manager, self._observed_blocks
@@ -451,35 +418,25 @@ class LLMEngine:
                 yield text[start:], out
 
     def stats_summary(self) -> dict:
+        """The run's figures (run.py's --output json "stats"); 07's spec_* counts only with speculation on."""
         st = self.stats
-        return {
-            "prompt_tokens": st["prompt_tokens"],
-            "generated_tokens": st["generated_tokens"],
-            "prefill_tokens_per_s": round(st["prefill_tokens"] / st["prefill_time_s"], 2) if st["prefill_time_s"] else 0.0,
-            "decode_tokens_per_s": round(st["decode_tokens"] / st["decode_time_s"], 2) if st["decode_time_s"] else 0.0,
-            "prefix_cache_hit_tokens": self.block_manager.prefix_hit_tokens,
-            "preemptions": self.scheduler.num_preemptions,
-            "kv_blocks_total": self.num_kv_blocks,
-            "kv_blocks_peak": st["kv_blocks_peak"],
-            "steps": st["steps"],
-            # 07: spec_num_drafts, spec_draft_tokens, spec_accepted_tokens, spec_acceptance_rate,
-            # spec_mean_acceptance_length, spec_acceptance_per_position; only with speculation on
-            **(self.speculative.stats.summary() if self.speculative is not None else {}),
-        }
+        rate = lambda kind: round(st[f"{kind}_tokens"] / st[f"{kind}_time_s"], 2) if st[f"{kind}_time_s"] else 0.0  # noqa: E731
+        return {"prompt_tokens": st["prompt_tokens"], "generated_tokens": st["generated_tokens"],
+                "prefill_tokens_per_s": rate("prefill"), "decode_tokens_per_s": rate("decode"),
+                "prefix_cache_hit_tokens": self.block_manager.prefix_hit_tokens,
+                "preemptions": self.scheduler.num_preemptions, "kv_blocks_total": self.num_kv_blocks,
+                "kv_blocks_peak": st["kv_blocks_peak"], "steps": st["steps"],
+                **(self.speculative.stats.summary() if self.speculative is not None else {})}
 
 
 class ModelRunner:
     """Packs a scheduled batch into flat tensors, runs the model over the paged KV cache and
-    returns logits for the positions that sample. Three ways to run the model:
-    eager (always correct, the reference), compiled (`compile`: steps of up to max_num_seqs
-    tokens, padded to shape buckets; on a CPU with the C++ decode kernel, decode steps only, whose
-    attention is then one C++ op), and decode-only CUDA graphs (on CUDA unless `enforce_eager`),
-    which capture the compiled step under `compile`.
-
-    Why compile only the short steps: a decode step reads every weight for a few tokens, so the
-    ~60 small ops per layer between the matrix products cost a large share of it, and fusing them
-    pays; a prefill step is GEMMs on hundreds of rows, whose eager speed is most of the GEMMs' own.
-    And each compiled shape takes long to build and, with frozen weights, holds its own copy of them."""
+    returns logits for the positions that sample. Three ways to run the model: eager (the
+    reference), compiled (`compile`: steps of up to max_num_seqs tokens, padded to buckets; on a CPU
+    with the C++ decode kernel, decode steps only, their attention one C++ op), and decode-only CUDA
+    graphs (on CUDA unless `enforce_eager`), which capture the compiled step under `compile`.
+    Only short steps are compiled: in a decode step the ~60 small ops per layer between the matrix
+    products are a large share, and fusing them pays; a prefill step is GEMMs on hundreds of rows."""
 
     def __init__(self, model, block_manager: paged.BlockManager, kv_cache,
                  device: torch.device, max_blocks_per_seq: int, max_num_seqs: int,
@@ -577,23 +534,17 @@ class CUDAGraphDecoder:
 
     A decode step of a 0.6B model is ~200 small kernels; launching them from Python costs more
     than running them. A CUDA graph records the launches once and replays them with one call.
-    Everything the graph reads must live at fixed addresses with fixed shapes, so the step's
-    inputs are copied into static buffers: input_ids/positions/slot_mapping/context_lens (B,) and
-    block_tables (B, max_blocks_per_seq). A graph reads the first b rows and the first w columns:
-    b is the batch rounded up to a power of two (1, 2, 4, ...), w the widest block table rounded
-    up the same way. The padded decode attention (04) does work for every one of its b x w table
-    entries, so one full-width graph would attend to max_model_len tokens of every sequence at
-    every step; width buckets keep that work within 2x of the longest context. Rows beyond the
-    real batch are padding: they write their K/V into a scratch block the BlockManager never
-    hands out, and attend to it alone. All graphs share one memory pool: one replays at a time,
-    and its output is read before the next replay.
+    Everything it reads must live at fixed addresses with fixed shapes, so the step's inputs are
+    copied into static buffers: input_ids/positions/slot_mapping/context_lens (B,) and block_tables
+    (B, max_blocks_per_seq). A graph reads the first b rows and w columns: the batch and the widest
+    table rounded up to powers of two. 04's padded decode attention works on all b x w entries, so
+    width buckets keep that within 2x of the longest context. Padding rows write their K/V into a
+    scratch block the BlockManager never hands out, and attend to it alone. All graphs share one
+    memory pool: one replays at a time, and its output is read before the next replay.
 
-    With `capture=False` (CPU, tests) the same buffers and padding run eagerly, which is how
-    everything but the capture itself is tested without a GPU.
-
-    `forward(input_ids, positions, ctx)` is what gets captured: the model itself, or under
-    `--compile` the compiled step (ModelRunner.run_compiled), whose fused kernels are then replayed
-    the same way: fewer kernels a layer, and still no launches from Python.
+    `forward` is what gets captured: the model, or under `--compile` the compiled step. With
+    `capture=False` (CPU, tests) the same buffers and padding run eagerly: everything but the
+    capture itself is tested without a GPU.
     """
 
     def __init__(self, model, kv_cache, block_size: int, max_blocks_per_seq: int, max_batch: int,

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: min(model, 4096))")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of compilation at start; see README for what it measured)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of compilation at start; docs/performance.md)")
     g = p.add_argument_group("speculative decoding (07_speculative.py)")
     g.add_argument("--speculative", action="store_true",
                    help="a draft model proposes tokens, the target checks them in one pass (same outputs)")
@@ -117,13 +117,13 @@ def load_engine(args, info):
     """The engine for --model; the default model falls back to `demo` (loudly) when it cannot be had."""
     model = args.model
     try:
-        folder = engine_mod.resolve_model(model)
+        folder = engine_mod.qwen3.resolve_model(model)
     except engine_mod.qwen3.CheckpointError:
         if model != DEFAULT_MODEL:
             raise
         print(OFFLINE_BANNER.format(model=model), file=sys.stderr)
         model = "demo"
-        folder = engine_mod.resolve_model("demo")
+        folder = engine_mod.qwen3.resolve_model("demo")
     config = engine_mod.EngineConfig(
         model=folder, dtype=args.dtype, device=args.device, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb, max_num_seqs=args.max_num_seqs,

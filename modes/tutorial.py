@@ -192,7 +192,7 @@ class Lesson:
     def tokenizer(self):
         if self._tokenizer is None:
             E = mod("engine")
-            self._tokenizer = mod("01_tokenize").load_tokenizer(E.resolve_model(self.model))
+            self._tokenizer = mod("01_tokenize").load_tokenizer(E.qwen3.resolve_model(self.model))
         return self._tokenizer
 
     def new_engine(self, **overrides):

@@ -36,7 +36,6 @@ def test_each_file_imports_only_the_files_before_it(name):
         assert imported < name[:2], f"{name} imports {imported}_*"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: 02, 04, 07 and engine.py are still over their budgets")
 def test_budgets():
     """Proxies for readability: 01-07 together at most 2,800 lines and none over 600; engine.py at
     most 600; the README at most 250."""

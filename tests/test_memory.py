@@ -25,7 +25,8 @@ from nano_kernels.memory import peak_rss_bytes, reset_peak_rss
 def rss():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-torch.empty(1) + 1                                    # torch's own first-use allocations before the baseline
+import numpy                                          # what loading imports, before the baseline
+torch.empty(1) + 1                                    # torch's own first-use allocations too
 base = rss()
 reset_peak_rss()
 if sys.argv[3] == "load":
