@@ -1,7 +1,7 @@
 """
 nano_kernels/norm.py - the norms of a step in one C++ call each (rms_norm.cpp), as module swaps.
 
-Between a decode step's matrix products sit ~113 RMSNorms and, per layer, the q/k norms and RoPE;
+Between a decode step's matrix products sit 57 RMSNorms of the hidden state and, per layer, the q/k norms and RoPE;
 in eager torch each norm is ~9 small ops and the q/k part ~20, and their dispatch costs add up
 when the products themselves take microseconds. The swapped modules compute bit for bit what
 02_model.py computes (the C++ rounds every product and sum as torch's ops do), and hand anything
