@@ -80,14 +80,9 @@ TEXT_MARKER_TOKENS = [
 # Like real Qwen3's template, an undefined enable_thinking means thinking on; only an explicit false
 # adds the empty think block. Our Python API defaults to thinking off instead.
 CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
     "{%- endif %}"
 )
 
@@ -104,13 +99,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def load_ranks(path: str) -> dict[bytes, int]:
     """Read a tiktoken file: one `base64(token bytes) rank` per line."""
-    ranks = {}
     with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-    return ranks
+        return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
 
 
 def bpe(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
@@ -138,10 +128,7 @@ def build_tokenizer_json(ranks: dict[bytes, int]) -> dict:
             takes to build it ("Hello" (9707) = "H" + "ello", as in the worked example at the top).
     """
     byte_char = bytes_to_unicode()
-
-    def piece(b: bytes) -> str:
-        return "".join(byte_char[x] for x in b)
-
+    piece = lambda b: "".join(byte_char[x] for x in b)  # noqa: E731   bytes -> their tokenizer.json spelling
     by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
     assert [rank for _, rank in by_rank] == list(range(len(by_rank))), "ranks must be 0..n-1"
     merges = []
@@ -157,11 +144,8 @@ def build_tokenizer_json(ranks: dict[bytes, int]) -> dict:
     return {
         "version": "1.0", "truncation": None, "padding": None,
         # normalized: false -> matched against the raw text, before NFC.
-        "added_tokens": [
-            {"id": n + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": special}
-            for i, (t, special) in enumerate(added)
-        ],
+        "added_tokens": [{"id": n + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": special} for i, (t, special) in enumerate(added)],
         "normalizer": {"type": "NFC"},
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": SPLIT_REGEX}, "behavior": "Isolated", "invert": False},
@@ -173,8 +157,7 @@ def build_tokenizer_json(ranks: dict[bytes, int]) -> dict:
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-            "vocab": {piece(token): rank for token, rank in by_rank},
-            "merges": merges,
+            "vocab": {piece(token): rank for token, rank in by_rank}, "merges": merges,
         },
     }
 
@@ -187,8 +170,7 @@ def build_tokenizer_config(tokenizer_json: dict) -> dict:
             str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
             for t in tokenizer_json["added_tokens"]
         },
-        "bos_token": None, "add_bos_token": False,
-        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "add_bos_token": False, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
         "unk_token": None,  # byte-level BPE can spell anything (Qwen2Tokenizer would default one)
         "clean_up_tokenization_spaces": False,  # decode must give back the text exactly
         "model_max_length": 40960,
@@ -210,20 +192,29 @@ def rebuild(tiktoken_path: str, out_dir: str = ASSETS) -> None:
     write_json(build_tokenizer_config(tokenizer_json), os.path.join(out_dir, "tokenizer_config.json"))
 
 
+class ChatPrompt(str):
+    """apply_chat_template's text, carrying the ids Tokenizer.encode gives it (`ids`); a plain str stays plain (--raw)."""
+
+
 class Tokenizer:
     """The few operations the engine needs, on top of a `tokenizers.Tokenizer`."""
 
     def __init__(self, path: str):
-        self.hf = HFTokenizer.from_file(path)
+        try:
+            self.hf = HFTokenizer.from_file(path)
+        except Exception as e:   # not JSON, not a tokenizer ("key must be a string"): the library raises Exception
+            raise ValueError(f"{path} is not a usable tokenizer.json: {e}") from None
         self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
         # Generation ends at the end of the assistant turn, or at end-of-text.
         self.eos_token_ids = [self.hf.token_to_id("<|im_end|>"), self.hf.token_to_id("<|endoftext|>")]
+        if None in self.eos_token_ids or self.hf.token_to_id("<|im_start|>") is None:
+            raise ValueError(f"{path} is not a Qwen tokenizer.json: it lacks <|im_start|>, <|im_end|> or <|endoftext|>")
         self._char_byte = {c: b for b, c in bytes_to_unicode().items()}
         self._added_ids = set(self.hf.get_added_tokens_decoder())
 
     def encode(self, text: str) -> list[int]:
-        # Added tokens in the text (e.g. "<|im_start|>") become their ids; no BOS or EOS is added.
-        return self.hf.encode(text).ids
+        # Added tokens in the text (e.g. "<|im_start|>") become their ids (run.py --raw); no BOS or EOS is added.
+        return list(text.ids) if isinstance(text, ChatPrompt) else self.hf.encode(text).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -236,15 +227,19 @@ class Tokenizer:
         return bytes(self._char_byte[c] for c in piece)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            enable_thinking: bool = False) -> str:
-        """Qwen3's chat format. Thinking is off by default here (short, direct answers); with it off,
-        the prompt already contains an empty think block, so the model skips straight to the answer."""
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+                            enable_thinking: bool = False) -> ChatPrompt:
+        """Qwen3's chat format. Thinking is off by default here (short, direct answers); with it off, the prompt
+        already contains an empty think block, so the model skips straight to the answer. The ids come along: only
+        the format's markers are control tokens, a "<|im_end|>" typed in a message is text (split_special_tokens)."""
+        pieces = [p for m in messages for p in ("<|im_start|>", f"{m['role']}\n{m['content']}", "<|im_end|>", "\n")]
         if add_generation_prompt:
-            text += "<|im_start|>assistant\n"
-            if not enable_thinking:
-                text += "<think>\n\n</think>\n\n"
-        return text
+            pieces += ["<|im_start|>", "assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n")]
+        prompt, self.hf.encode_special_tokens = ChatPrompt("".join(pieces)), True   # for the odd pieces
+        try:
+            prompt.ids = [t for i, p in enumerate(pieces) for t in (self.hf.encode(p).ids if i % 2 else [self.hf.token_to_id(p)])]
+        finally:
+            self.hf.encode_special_tokens = False
+        return prompt
 
 
 def load_tokenizer(model_dir: str | None = None) -> Tokenizer:

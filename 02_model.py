@@ -30,6 +30,7 @@ of it runs offline. `naive_generate` is the slow, obviously correct reference la
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import json
@@ -71,7 +72,7 @@ class CheckpointError(ValueError):
 
 
 def load_config(path: str) -> ModelConfig:
-    """Read `config.json` from a local folder (see `download_model` for hub ids)."""
+    """Read and check `config.json` from a local folder (see `download_model` for hub ids)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise CheckpointError(f"model folder {path!r} does not exist")
@@ -80,17 +81,29 @@ def load_config(path: str) -> ModelConfig:
     try:
         with open(cfg_path) as f:
             raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:   # not JSON, not UTF-8
         raise CheckpointError(f"cannot read {cfg_path}: {e}") from None
-    if raw.get("model_type") != "qwen3":
-        raise CheckpointError(f"{cfg_path} has model_type {raw.get('model_type')!r}; only 'qwen3' is supported")
+    model_type = raw.get("model_type") if isinstance(raw, dict) else f"none: it holds a JSON {type(raw).__name__}"
+    if model_type != "qwen3":
+        raise CheckpointError(f"{cfg_path} has model_type {model_type!r}; only 'qwen3' is supported")
     if "rope_theta" not in raw and isinstance(raw.get("rope_parameters"), dict):  # newer configs nest it
         raw["rope_theta"] = raw["rope_parameters"].get("rope_theta", ModelConfig.rope_theta)
-    known = {f.name for f in fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in raw.items() if k in known})
+    values = {f.name: raw.get(f.name, f.default) for f in fields(ModelConfig)}
+
+    def require(ok: bool, name: str, allowed: str):
+        if not ok:
+            raise CheckpointError(f"config.json in {path!r}: {name} must be {allowed}, got {json.dumps(values[name])[:80]}")
+    for f in fields(ModelConfig):   # integers >= 1 (not true, 2.5 or "3"), but for:
+        low, v = {"max_position_embeddings": 2, "rope_theta": 1, "rms_norm_eps": 1e-30}.get(f.name, 1), values[f.name]
+        kinds, allowed = {"bool": ((bool,), "true or false"), "int": ((int,), f"an integer >= {low}")}.get(
+            f.type, ((int, float), f"a finite number >= {low}"))
+        require(type(v) in kinds and (f.type == "bool" or low <= v < math.inf), f.name, allowed)
     if "head_dim" not in raw:  # old configs: derive it, the one case where hidden/heads is right
-        cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-    return cfg
+        values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
+    require(values["head_dim"] % 2 == 0 and values["head_dim"] > 0, "head_dim", "even (RoPE turns pairs) and >= 2")
+    require(values["num_attention_heads"] % values["num_key_value_heads"] == 0, "num_attention_heads",
+            f"a multiple of num_key_value_heads ({values['num_key_value_heads']})")
+    return ModelConfig(**values)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -249,21 +262,17 @@ def naive_generate(model: Qwen3ForCausalLM, prompt_ids: list[int], max_new_token
 
 def cpu_has_bf16() -> bool:
     """True when the CPU has bf16 units (AVX512-BF16, AMX-BF16): without, bf16 matmuls are emulated, ~100x slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    flags = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:   # no such file: not Linux
+        flags = f.read()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("--device cuda was asked for but no CUDA GPU is available (allowed: auto, cpu, cuda, mps)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise CheckpointError("--device mps was asked for but MPS is not available (allowed: auto, cpu, cuda, mps)")
+    if name in ("cuda", "mps") and not (torch.cuda if name == "cuda" else torch.backends.mps).is_available():
+        raise CheckpointError(f"--device {name} was asked for but is not available here (allowed: auto, cpu, cuda, mps)")
     return torch.device(name)
 
 
@@ -300,17 +309,20 @@ def safetensors_files(path: str) -> list[str]:
     """The checkpoint's weight files: model.safetensors, or the shards model.safetensors.index.json lists."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:   # a weight_map of 5 or [...]: AttributeError; a value 5: no file "5"
+                names = sorted({str(name) for name in json.load(f)["weight_map"].values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} must be a JSON object whose weight_map maps tensor names to file names "
+                                  f"({type(e).__name__}: {e})") from None
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
         names = ["model.safetensors"]
     else:
         raise CheckpointError(f"{path!r} has no model.safetensors or model.safetensors.index.json")
-    files = [os.path.join(path, name) for name in names]
-    for file in files:
-        if not os.path.isfile(file):
-            raise CheckpointError(f"shard {os.path.basename(file)} listed in the index is missing from {path!r}")
-    return files
+    for name in names:   # inside by name: a hub snapshot's files are symlinks into ../../blobs, which is fine
+        if os.path.isabs(name) or ".." in name.split("/") or not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError(f"shard {name!r} listed in the index is not a file inside {path!r}")
+    return [os.path.join(path, name) for name in names]
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -339,6 +351,8 @@ def read_safetensors(path: str, destination):
                     shape = torch.Size(entry["shape"])
                     if end - start != shape.numel() * dtype.itemsize:
                         raise ValueError(f"tensor {name}: {end - start} bytes for shape {list(shape)} of {entry['dtype']}")
+                    if not 0 <= start <= end <= os.path.getsize(file) - 8 - size:
+                        raise ValueError(f"tensor {name}: the file ends early")
                     out = destination(file, name, shape, dtype)
                     if out is None:
                         continue
@@ -354,8 +368,11 @@ def read_safetensors(path: str, destination):
                             raise ValueError(f"tensor {name}: the file ends early")
                         if not direct:
                             flat[i:i + len(part)].copy_(part)
+                    if out.is_floating_point() and not torch.stack(torch.aminmax(flat)).isfinite().all():   # NaN spreads
+                        raise CheckpointError(f"tensor {name} in {file} has NaN or infinite values")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:   # JSON and header errors among them
-            raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
+            raise e if isinstance(e, CheckpointError) else CheckpointError(
+                f"{file} is not a readable safetensors file: {e}") from None
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", allocate=None) -> Qwen3ForCausalLM:
@@ -363,6 +380,9 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", allo
     device (shapes, no memory); the weights are allocated once, by allocate(shapes, dtype) -> {name: tensor}
     (the engine's huge pages) or torch.empty, and read into place: peak memory is the weights + one buffer."""
     cfg = load_config(path)
+    size = sum(map(os.path.getsize, safetensors_files(path)))   # a byte a weight at least: refuse a far too big config
+    if (cfg.vocab_size + cfg.num_hidden_layers * (cfg.head_dim + cfg.intermediate_size)) * cfg.hidden_size > size:
+        raise CheckpointError(f"config.json in {path!r} describes more weights than its safetensors hold ({size:,} bytes)")
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg)
     shapes = {n: p.shape for n, p in model.named_parameters()}  # tied: lm_head.weight is not listed
@@ -479,16 +499,26 @@ PRESET_SHARD_BYTES = 2**29
 
 
 def preset_checkpoint(preset: str, seed: int = 0) -> str:
-    """The folder of a random preset checkpoint, written once and reused (atomically renamed into place)."""
-    folder = os.path.join(cache_root(), f"{preset}-seed{seed}")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        tmp = f"{folder}.tmp{os.getpid()}"
-        make_random_checkpoint(tmp, preset, seed, shard_bytes=PRESET_SHARD_BYTES)
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
+    """A random preset's folder: written once (in a private folder renamed into place), reused, rewritten if damaged."""
+    folder = os.path.join(root := cache_root(), f"{preset}-seed{seed}")
+    try:
+        for name in os.listdir(root) if os.path.isdir(root) and os.path.isdir("/proc/self") else []:   # Linux
+            stem, _, pid = name.rpartition(".tmp")   # the private folder of a run stopped while writing, process gone
+            if stem.rpartition("-seed")[0] in PRESETS and pid.isdigit() and not os.path.isdir(f"/proc/{pid}"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        with contextlib.suppress(CheckpointError):
+            if load_config(folder) == PRESETS[preset] and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+                read_safetensors(folder, lambda *tensor: None)   # headers only: each tensor inside its file
+                return folder
+        shutil.rmtree(folder, ignore_errors=True)
+        make_random_checkpoint(tmp := f"{folder}.tmp{os.getpid()}", preset, seed, shard_bytes=PRESET_SHARD_BYTES)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process won the race: use its folder
             shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the {preset!r} checkpoint in {root!r} ({e.strerror or e}): "
+                              "set NANO_VLLM_CACHE to a writable folder") from None
     return folder
 
 
@@ -535,8 +565,7 @@ def main() -> None:
                   f"MLP {cfg.intermediate_size}; layer 0 weights (out, in): q_proj {tuple(attn.q_proj.weight.shape)}, "
                   f"k_proj and v_proj {tuple(attn.k_proj.weight.shape)}, o_proj {tuple(attn.o_proj.weight.shape)}")
     table = Table("part", "parameters", "share")
-    rows = count_parameters(demo)
-    for part, count in rows:
+    for part, count in (rows := count_parameters(demo)):
         table.add_row(part, f"{count:,}", f"{100 * count / rows[-1][1]:.1f}%")
     console.print(table)
 
@@ -548,8 +577,7 @@ def main() -> None:
     with torch.inference_mode():
         logits = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)))[-1])  # (vocab,)
     console.print(f"\n[bold]one next-token prediction[/] with the `tiny` preset (random weights, so the words "
-                  "are noise; the mechanics are real):")
-    console.print(f"prompt {prompt!r} -> ids {ids}")
+                  f"are noise; the mechanics are real):\nprompt {prompt!r} -> ids {ids}")
     top = logits.softmax(-1).topk(5)
     for p, i in zip(top.values.tolist(), top.indices.tolist()):
         console.print(f"  {i:>6}  {tok.decode([i], skip_special_tokens=False)!r:<20} p={p:.3f}")

@@ -34,8 +34,8 @@ Worked example, 5 tokens A..E, logits [2, 1.5, 1, 0, -1], temperature 0.5, top_k
 
 so this request samples A 73% of the time and B 27%, never C, D or E; with temperature 0 always A.
 
-Reproducibility: a seeded request gets its own torch.Generator (make_generator), kept across decode
-steps, and draws only from it: it produces the same tokens alone or in any batch. The draw is the
+Reproducibility: a seeded request draws its token at position t from make_generator(seed, position=t) alone,
+so its tokens depend on its seed and text only: not on the batch, a preemption or speculation (07). The draw is the
 "exponential race": token = argmax(p_i / E_i), E_i ~ Exp(1) independent. Token i wins with probability
 exactly p_i (of independent exponential arrival times E_i / p_i, with rates p_i, arrival i comes first
 with probability p_i / sum p); it needs no cumulative sum, and unseeded rows draw their noise together.
@@ -46,6 +46,7 @@ speculative decoding (07) needs the draft's and the target's distributions shape
     python 06_sampling.py     # one toy distribution through each knob, then seeded samples
 """
 
+import hashlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ import torch
 class SamplingConfig:
     """One request's knobs and stop rules; defaults sample the model's own distribution, as vLLM's SamplingParams."""
     temperature: float = 1.0      # 0 = greedy (argmax)
-    top_k: int = 0                # 0 = off
+    top_k: int = 0                # 0 (or >= the vocabulary size) = off
     top_p: float = 1.0            # 1.0 = off
     min_p: float = 0.0            # 0.0 = off
     seed: int | None = None       # None = use the global torch RNG
@@ -98,14 +99,12 @@ class SamplingConfig:
         return self
 
 
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """One request's generator, seeded from `seed` (None: use the global RNG). Create it once and pass the
-    same object at every step: re-seeding each step would draw the same noise every time."""
-    if seed is None:
-        return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
+def make_generator(seed: int | None, device: torch.device | str = "cpu", position: int | None = None):
+    """A torch.Generator seeded from `seed` (None: use the global RNG), or with a position from a hash of
+    (seed, position): the draws of that one token, the same whatever came before (the engine's and 07's way)."""
+    if seed is not None and position is not None:
+        seed = int.from_bytes(hashlib.blake2b(f"{seed},{position}".encode(), digest_size=8).digest(), "little")
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
 # ---- the transforms ---------------------------------------------------------------------------------
@@ -115,9 +114,13 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 # MinPLogitsWarper (min_tokens_to_keep=1) bit for bit; tests/test_06_sampling.py checks it.
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """logits / T per row. Rows with T = 0 are greedy and do not use these logits: left unchanged."""
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    return logits / t.to(logits.dtype).unsqueeze(1)
+    """logits / T per row (T = 0: greedy, left unchanged). A row where that overflows (T = 1e-39: inf, a NaN softmax)
+    gets the same softmax from (logits - max) / T in float64: 0 at the top token(s), -inf below; greedy as T -> 0."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).unsqueeze(1)
+    out = logits / t.to(logits.dtype)
+    if (bad := ~out.isfinite().all(dim=1)).any():
+        out[bad] = ((logits[bad] - logits[bad].amax(dim=1, keepdim=True)).double() / t[bad].double()).to(out.dtype)
+    return out
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
@@ -190,8 +193,8 @@ class Sampler:
         dev = logits.device
         # float32 even for bf16 logits: 3 significant digits are too few for a cumsum over 151,936 probabilities
         logits = logits.float()
-        temperature = torch.tensor([c.temperature for c in configs], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([c.top_k for c in configs], dtype=torch.int64, device=dev)
+        temperature = torch.tensor([c.temperature for c in configs], dtype=torch.float64, device=dev)  # 1e-50 > 0
+        top_k = torch.tensor([min(c.top_k, logits.shape[1]) for c in configs], dtype=torch.int64, device=dev)
         top_p = torch.tensor([c.top_p for c in configs], dtype=torch.float64, device=dev)
         min_p = torch.tensor([c.min_p for c in configs], dtype=torch.float32, device=dev)
         sampled = temperature > 0
@@ -214,7 +217,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, configs: list[SamplingConfig],
                  generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
-        """One token id per row, (B,) int64. generators[r] is row r's make_generator(seed) (or None)."""
+        """One token id per row, (B,) int64. generators[r]: row r's make_generator(seed, position=t) (or None)."""
         if all(c.temperature == 0 for c in configs):
             return logits.argmax(dim=-1)  # all greedy: no softmax, no filters, no randomness
         generators = generators if generators is not None else [None] * len(configs)
@@ -276,11 +279,9 @@ def main() -> int:
                   "already removed everything that low; it bites when one token dominates.")
 
     cfg = stages[-1][1]
-    gen = make_generator(seed=0)
-    draws = [sampler(logits, [cfg], [gen]).item() for _ in range(16)]
+    draws = [sampler(logits, [cfg], [make_generator(0, position=t)]).item() for t in range(16)]
     console.print(f"\n[bold]16 steps, seed 0[/]: {' '.join(words[i] for i in draws)}")
-    gen = make_generator(seed=0)
-    again = [sampler(logits, [cfg], [gen]).item() for _ in range(16)]
+    again = [sampler(logits, [cfg], [make_generator(0, position=t)]).item() for t in range(16)]
     console.print(f"same seed again gives the same tokens: {again == draws}; "
                   f"greedy (temperature 0) always gives {words[sampler(logits, [SamplingConfig(temperature=0)]).item()]!r}")
 

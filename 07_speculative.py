@@ -54,8 +54,8 @@ stream as much as the embedding does: the first 21 of 28 layers pass 13% of gree
 44%, 27 layers 73%. Keeping 7/8 of them shows guesses accepted and rejected but costs too much (c ~ 0.9)
 to speed anything up: for speed use a real small draft (`--draft-model Qwen/Qwen3-0.6B`, 1.7B+ target).
 
-A seeded request draws only from its own generator: its output depends on (seed, draft, k), not on the
-batch (a full KV pool, which cuts its guesses, changes the draws: still an exact sample). Greedy ids
+A seeded request draws position t's randomness from make_generator(seed, t) (06) and guesses once past k (accepted
+or replaced in the bonus's place): its tokens depend on its seed, draft and text, not on k, pool, batch. Greedy ids
 equal the target's bit for bit in fp32; in bf16 a (k+1)-token verify pass rounds unlike a 1-token
 decode and can flip near-tied argmaxes, as chunked prefill does (so the target as its own draft
 accepts ~80-90%, not 100%). Acceptance metrics are named as vLLM names them (SpecDecodingStats).
@@ -100,14 +100,13 @@ def sample_from_probs(probs: torch.Tensor, greedy: list[bool], generators: list)
 
 
 def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tensor, draft_probs: torch.Tensor,
-                     target_probs: torch.Tensor, greedy: list[bool],
-                     generators: list) -> tuple[torch.Tensor, torch.Tensor]:
+                     target_probs: torch.Tensor, greedy: list[bool], generators: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Decide a batch of guesses at once (vLLM's RejectionSampler). Row r's guesses are draft_token_ids[r, :n],
     n = num_draft_tokens[r] (n = 0: plain decoding); guess i was drawn from q_i, draft_probs (B, k, V), and
     target_probs (B, k+1, V) holds p_i (p_n for the bonus). Row r draws n uniforms, then V exponentials for
-    the last token from its own generator (greedy rows nothing), so a seeded request's draws never depend on
-    the batch. Returns output_token_ids (B, k+1): accepted guesses, the replacement or bonus token, then -1;
-    and num_accepted (B,)."""
+    the last token from generators[r] (greedy rows nothing): one generator (None: the global RNG), or a list
+    of one per position, where n items (none for the bonus) mean the row takes no bonus. Returns
+    output_token_ids (B, k+1): accepted guesses, the replacement or bonus token, then -1; and num_accepted (B,)."""
     B, k, V = draft_probs.shape
     device = target_probs.device
     in_draft = torch.arange(k, device=device)[None, :] < num_draft_tokens[:, None]  # (B, k)
@@ -115,12 +114,10 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tens
     q_x = draft_probs.gather(2, x)[..., 0].double()                                 # (B, k) q_i(x_i)
     p_x = target_probs[:, :k].gather(2, x)[..., 0].double()                         # (B, k) p_i(x_i)
     u = torch.zeros(B, k, dtype=torch.float64, device=device)                       # (B, k) greedy rows: 0
-    noise = {}                                                                      # row -> (V,) race noise
-    for r, gen in enumerate(generators):
-        if not greedy[r]:
-            n = int(num_draft_tokens[r])
-            u[r, :n] = torch.rand(n, dtype=torch.float64, generator=gen, device=device)
-            noise[r] = _race_noise(V, gen, device)
+    gens = [g if isinstance(g, list) else [g] * (k + 1) for g in generators]        # row r, position i: gens[r][i]
+    for r, n in enumerate(num_draft_tokens.tolist()):
+        for i in range(n if not greedy[r] else 0):
+            u[r, i] = torch.rand(1, dtype=torch.float64, generator=gens[r][i], device=device)[0]
     # u < p/q, written without the division (q_x > 0: x was drawn from q). Greedy: 0 < p_x, i.e. x is the argmax.
     accepted = (u * q_x < p_x) & in_draft                                           # (B, k)
     run = accepted.long().cumprod(dim=1)                                            # (B, k) 1 until the first rejection
@@ -134,8 +131,9 @@ def rejection_sample(draft_token_ids: torch.Tensor, num_draft_tokens: torch.Tens
     # A rejection means p(x) < q(x), so p - q has mass somewhere; only float rounding can empty it.
     residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, p_a)
     last = residual.argmax(dim=1)                                                   # (B,) greedy rows: the argmax
-    for r, e in noise.items():
-        last[r] = (residual[r] / e).argmax()
+    for r, a in enumerate(num_accepted.tolist()):
+        if not greedy[r] and a < len(gens[r]):                                      # a list of n: no bonus
+            last[r] = (residual[r] / _race_noise(V, gens[r][a], device)).argmax()
     out = F.pad(torch.where(run.bool(), draft_token_ids, -1), (0, 1), value=-1)     # (B, k+1)
     out[rows, num_accepted] = last
     return out, num_accepted
@@ -166,10 +164,9 @@ class SpecDecodingStats:
         self.num_drafts += 1
         self.num_draft_tokens += num_draft_tokens
         self.num_accepted_tokens += num_accepted
-        for i in range(num_accepted):
-            self.num_accepted_tokens_per_pos[i] += 1
-        for i in range(min(num_accepted + 1, num_draft_tokens)):
+        for i in range(min(num_accepted + 1, num_draft_tokens)):     # guess i was checked, and accepted if i < a
             self.num_checked_tokens_per_pos[i] += 1
+            self.num_accepted_tokens_per_pos[i] += i < num_accepted
 
     @property
     def acceptance_rate(self) -> float:
@@ -192,8 +189,7 @@ class SpecDecodingStats:
     @property
     def alpha(self) -> float:
         """accepted / checked: the maximum-likelihood alpha for expected_speedup (unchecked guesses don't count)."""
-        checked = sum(self.num_checked_tokens_per_pos)
-        return self.num_accepted_tokens / checked if checked else 0.0
+        return self.num_accepted_tokens / max(1, sum(self.num_checked_tokens_per_pos))
 
     def summary(self) -> dict:
         return {"spec_num_drafts": self.num_drafts, "spec_draft_tokens": self.num_draft_tokens,
@@ -290,8 +286,9 @@ class DraftRunner:
 
     @torch.inference_mode()
     def propose(self, seqs, num_tokens: list[int], generators: list) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Up to num_tokens[i] guesses for seqs[i], drawn from the draft's q shaped by the request's knobs. Returns
-        draft_token_ids (B, k_max), draft_probs (B, k_max, V) (zero past a row's guesses) and how many each row got."""
+        """Up to num_tokens[i] guesses for seqs[i] from the draft's q shaped by the request's knobs, guess j drawn with
+        generators[i][j] (generators[i] None: the global RNG). Returns draft_token_ids (B, k_max), draft_probs
+        (B, k_max, V) (zero past a row's guesses) and how many each row got."""
         ks = [self._reserve(seq, k) if k else 0 for seq, k in zip(seqs, num_tokens)]
         k_max, V, device = max(ks, default=0), self.model.config.vocab_size, self.kv_cache.device
         draft_token_ids = torch.zeros(len(seqs), k_max, dtype=torch.int64, device=device)   # (B, k_max)
@@ -313,7 +310,7 @@ class DraftRunner:
                                    self.backend)
             q = self.sampler.probs(logits, [seqs[i].sampling for i in rows])                # (R, V)
             draft_token_ids[rows, j] = sample_from_probs(q, [seqs[i].sampling.greedy for i in rows],
-                                                         [generators[i] for i in rows])
+                                                         [generators[i] and generators[i][j] for i in rows])
             draft_probs[rows, j] = q
         for seq, k in zip(seqs, ks):
             if k:
@@ -374,8 +371,8 @@ class SpeculativeDecoder:
         self.draft.free(seq_id)
 
     @torch.inference_mode()
-    def step(self, batch, generators: list) -> list[VerifiedTokens]:
-        """generators[i]: batch.seqs[i]'s torch.Generator (or None). One VerifiedTokens per sampling sequence."""
+    def step(self, batch) -> list[VerifiedTokens]:
+        """One VerifiedTokens per sampling sequence (no tokens for one whose logits are not finite: a broken model)."""
         for seq in batch.preempted:
             self.draft.free(seq.seq_id)
         bm = self.block_manager
@@ -390,7 +387,12 @@ class SpeculativeDecoder:
                 k -= 1
             bm.append_slots(seq.seq_id, k)
             wanted.append(k)
-        draft_token_ids, draft_probs, ks = self.draft.propose(seqs, wanted, [generators[i] for i in sampling])
+        extra = [int(s.sampling.seed is not None and not s.sampling.greedy) for s in seqs]   # 1: a guess past k
+        gens = [[S.make_generator(s.sampling.seed, self.kv_cache.device, s.num_tokens + j) for j in range(k + 1)]
+                if e else None for s, k, e in zip(seqs, wanted, extra)]
+        draft_token_ids, draft_probs, kd = self.draft.propose(seqs, [k + e for k, e in zip(wanted, extra)], gens)
+        ks = [max(0, k - e) for k, e in zip(kd, extra)]                             # the guesses the target checks
+        gens = [g and g[:max(k, 1)] for g, k in zip(gens, kd)]                      # no bonus after a guess past k
         for seq, want, k in zip(seqs, wanted, ks):
             bm.truncate(seq.seq_id, want - k)      # the draft's pool could not hold them all
 
@@ -415,17 +417,17 @@ class SpeculativeDecoder:
         pos = torch.cat([torch.arange(k + 1) for k in ks]).to(logits.device)                          # (L,)
         target_probs = probs.new_zeros(len(seqs), k_max + 1, V)                            # (S, k_max+1, V)
         target_probs[row, pos] = probs
-        num_draft = torch.tensor(ks, device=logits.device)
-        out, num_accepted = rejection_sample(draft_token_ids, num_draft, draft_probs, target_probs,
-                                             [s.sampling.greedy for s in seqs], [generators[i] for i in sampling])
+        out, num_accepted = rejection_sample(draft_token_ids, torch.tensor(kd, device=logits.device), draft_probs,
+                                             target_probs, [s.sampling.greedy for s in seqs], gens)
         x = draft_token_ids[..., None]
         q_x = draft_probs.gather(2, x)[..., 0].tolist()                                   # (S, k_max)
         p_x = target_probs[:, :k_max].gather(2, x)[..., 0].tolist()                       # (S, k_max)
 
         self._advance(batch, skip=set(sampling))
-        results, out, offset = [], out.tolist(), 0
+        results, out, offset, finite = [], out.tolist(), 0, logits.isfinite().all(dim=1).tolist()
         for r, (seq, k, a) in enumerate(zip(seqs, ks, num_accepted.tolist())):
-            new = out[r][:a + 1]
+            new = out[r][:min(a, k) + 1] if all(finite[offset:offset + k + 1]) else []
+            a = min(a, k)                                      # a guess past k is not the target's to count
             verified = seq.token_ids + new[:a]                 # every token whose KV is now right, in both models
             seq.num_computed_tokens = len(verified)
             bm.truncate(seq.seq_id, k - a)
@@ -458,12 +460,11 @@ def generate(model, draft_model, prompts: list[list[int]], params: list, num_spe
                                  num_speculative_tokens, max_model_len)
     scheduler = sched.Scheduler(bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=max(512, max_num_seqs))
     seqs = [sched.Sequence(i, list(p), len(p), params[i]) for i, p in enumerate(prompts)]
-    generators = {s.seq_id: S.make_generator(s.sampling.seed, weight.device) for s in seqs}
     for seq in seqs:
         scheduler.add(seq)
     while scheduler.has_unfinished():
         batch = scheduler.schedule()
-        for v in decoder.step(batch, [generators[s.seq_id] for s in batch.seqs]):
+        for v in decoder.step(batch):
             v.seq.token_ids += v.token_ids
             if len(v.seq.completion_token_ids) >= v.seq.sampling.max_tokens:
                 scheduler.finish(v.seq)

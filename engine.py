@@ -87,17 +87,13 @@ class EngineConfig:
     num_speculative_tokens: int = 4        # k: draft tokens per sequence per step
 
     def validate(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "num_speculative_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.dtype not in ("auto", *qwen3.DTYPES):
             raise ValueError(f"dtype {self.dtype!r} is not one of auto, {', '.join(qwen3.DTYPES)}")
-        if self.num_speculative_tokens < 1:
-            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.draft_model is not None and not self.speculative:
             raise ValueError("draft_model is set but speculative is off: set speculative=True")
 
@@ -109,7 +105,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None       # "stop" | "length" while running: None
+    finish_reason: str | None = None       # "stop" | "length" | "error" (the message in `error`); running: None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -167,8 +164,7 @@ class LLMEngine:
         self.scheduler = sched.Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.block_manager, self.kv_cache, self.device, max_blocks_per_seq,
                                   config.max_num_seqs, compile=config.compile, cuda_graphs=cuda_graphs,
-                                  cache_dir=qwen3.cache_root(), backend=backend,
-                                  decode_op=self.fast.decode_kernel)
+                                  cache_dir=qwen3.cache_root(), backend=backend, decode_op=self.fast.decode_kernel)
         self.sampler = sampling.Sampler()
         self.speculative = None
         if self.draft_model is not None:
@@ -179,7 +175,7 @@ class LLMEngine:
         self.observers: list = []
         self._observed_blocks: dict[int, list[int]] = {}   # block tables as observers last saw them
         self._ids = itertools.count()
-        self._requests: dict[int, tuple[Sequence, RequestOutput, torch.Generator | None]] = {}
+        self._requests: dict[int, tuple[Sequence, RequestOutput]] = {}
         self.stats = dict(prompt_tokens=0, generated_tokens=0, prefill_tokens=0, prefill_time_s=0.0,
                           decode_tokens=0, decode_time_s=0.0, steps=0, kv_blocks_peak=0)
 
@@ -218,8 +214,7 @@ class LLMEngine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
         rid = next(self._ids)
         seq = Sequence(rid, list(ids), len(ids), params)    # its own list: it grows as tokens come
-        generator = sampling.make_generator(params.seed, self.device)
-        self._requests[rid] = (seq, RequestOutput(rid, text, list(ids)), generator)
+        self._requests[rid] = (seq, RequestOutput(rid, text, list(ids)))
         self.scheduler.add(seq)
         self.stats["prompt_tokens"] += len(ids)
         if self.observers:
@@ -248,14 +243,15 @@ class LLMEngine:
         t0 = time.perf_counter()
         eager = bool(self.observers) and any(getattr(o, "needs_eager", False) for o in self.observers)
         logits, samplers = self.runner.run(batch, eager)
-        token_list = self.sampler(logits, [s.sampling for s in samplers],
-                                  [self._requests[s.seq_id][2] for s in samplers]).tolist() if samplers else []
+        gens = [sampling.make_generator(s.sampling.seed, self.device, s.num_tokens) for s in samplers]  # one per token
+        token_list = self.sampler(logits, [s.sampling for s in samplers], gens).tolist()
         dt = time.perf_counter() - t0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             if self.config.enable_prefix_caching:
                 self.block_manager.commit(seq.seq_id, seq.token_ids[:seq.num_computed_tokens])
-        runs = [(seq, [token], logits[i:i + 1]) for i, (seq, token) in enumerate(zip(samplers, token_list))]
+        runs = [(seq, [token] if ok else [], logits[i:i + 1])   # not finite: no token, the request fails
+                for i, (seq, token, ok) in enumerate(zip(samplers, token_list, logits.isfinite().all(dim=1).tolist()))]
         return self._finish_step(batch, prefill, dt, runs)
 
     def _speculative_step(self, batch) -> list[RequestOutput]:
@@ -265,7 +261,7 @@ class LLMEngine:
         a time: a stop inside the run drops the tokens after it (max_tokens: k is capped beforehand)."""
         prefill = sum(n for seq, n in zip(batch.seqs, batch.num_new_tokens) if seq.is_prefill)
         t0 = time.perf_counter()
-        verified = self.speculative.step(batch, [self._requests[s.seq_id][2] for s in batch.seqs])
+        verified = self.speculative.step(batch)
         dt = time.perf_counter() - t0
         if self.observers:
             for v in verified:
@@ -273,11 +269,14 @@ class LLMEngine:
         return self._finish_step(batch, prefill, dt, [(v.seq, v.token_ids, v.target_logits) for v in verified])
 
     def _finish_step(self, batch, prefill: int, seconds: float, runs) -> list[RequestOutput]:
-        """Each (sequence, its new tokens, their logits) through the stop rules one token at a time (a
-        stop drops the tokens after it); the step's statistics; then the finished requests leave."""
+        """Each (sequence, its new tokens, their logits) through the stop rules one token at a time (a stop drops
+        the tokens after it; no tokens: its logits were not finite, it fails alone); statistics; the finished leave."""
         outputs, finished, generated = [], [], 0
         for seq, tokens, logits in runs:
             out = self._requests[seq.seq_id][1]
+            if not tokens:
+                out.finish_reason, out.error = "error", "the model's logits are not finite (NaN or inf)"
+                finished.append(seq)
             if self.observers:
                 probs = logits.softmax(-1)                                # the model's own distribution
                 top_p, top_i = probs.topk(5, dim=-1)
@@ -340,7 +339,7 @@ class LLMEngine:
                        positions=[s for _, s, _ in decodes])
 
     def _observe_verified(self, v) -> None:
-        if not v.draft_token_ids:
+        if not v.draft_token_ids or not v.token_ids:
             return   # no guesses this step (k capped to 0): a plain sample, reported by `sampled` alone
         k, a = len(v.draft_token_ids), v.num_accepted
         self._emit("spec_proposed", request_id=v.seq.seq_id, draft_token_ids=v.draft_token_ids,
@@ -382,12 +381,10 @@ class LLMEngine:
             out.text = self.tokenizer.decode(out.token_ids)
             return "stop"
         text = self.tokenizer.decode(out.token_ids)
-        if p.stop:
-            for s in p.stop:   # a stop string ends the text just before it
-                cut = text.find(s)
-                if cut != -1:
-                    out.text = text[:cut]
-                    return "stop"
+        cut = min([i for i in (text.find(s) for s in p.stop) if i != -1], default=-1)   # the first stop string in it
+        if cut != -1:                                                                  # ends the text just before it
+            out.text = text[:cut]
+            return "stop"
         out.text = text
         if len(out.token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
@@ -404,15 +401,17 @@ class LLMEngine:
         return [final[rid] for rid in sorted(final)]
 
     def stream(self, prompts, params=None):
-        """Add the prompts, then yield (text_delta, output) each time a request gets a token.
-        text_delta holds back an incomplete UTF-8 character until the next token completes it."""
+        """Add the prompts, then yield (text_delta, output) each time a request gets a token. text_delta holds back
+        an incomplete UTF-8 character and the longest tail that begins a stop string: the deltas add up to the text."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         for prompt, p in zip(prompts, params_list):
             self.add_request(prompt, p)
         shown: dict[int, int] = {}
         while self.has_unfinished_requests():
             for out in self.step():
+                stops = [] if out.finished else self._requests[out.request_id][0].sampling.stop
                 text = out.text if out.finished else out.text.rstrip("\ufffd")
+                text = text[:len(text) - max([n for s in stops for n in range(len(s)) if text.endswith(s[:n])] or [0])]
                 start = shown.get(out.request_id, 0)
                 shown[out.request_id] = max(start, len(text))
                 yield text[start:], out

@@ -11,12 +11,15 @@ numbers, computed from the `demo` preset's config, never typed in), an ASCII dra
 read it in this repository, a demonstration on the real engine (the `tiny` preset unless --model
 names another model: the numbers printed come from that run), and a quiz of three questions
 answered 1-4. At every prompt `n` goes to the next chapter, `b` back one, `q` quits; end of input
-counts as `q`, so the whole course can be driven from stdin.
+(or no stdin at all, `<&-`) counts as `q`, so the whole course can be driven from stdin.
 
 Progress (chapters done, quiz scores, where you are) is JSON in the user's data folder
 ($XDG_DATA_HOME/nano-vllm-py/tutorial.json, else ~/.local/share/nano-vllm-py/tutorial.json) or
---progress-file, replaced atomically on every change. A file that cannot be read or makes no
-sense gives one warning line and a fresh start.
+--progress-file, marked as ours ("format": "nano-vllm-py tutorial progress") and replaced atomically
+on every change, keeping its permission bits. Only a file the tutorial wrote is ever replaced:
+anything else at that path (a file of notes, a FIFO, /dev/null, a folder) is refused with one
+`error:` line and exit 2, untouched. A file of ours that makes no sense gives one warning and a
+fresh start; a folder that cannot be written gives one warning and a course that is not saved.
 
 Chapters are data (`CHAPTERS`): text, diagram and quiz are functions of `Qwen3` (the numbers of
 Qwen3-0.6B), the demo a function of the `Lesson` (it creates engines, records what it printed in
@@ -28,8 +31,8 @@ import importlib
 import json
 import math
 import os
+import stat as stat_mod
 import sys
-import tempfile
 import textwrap
 import time
 from contextlib import contextmanager
@@ -45,7 +48,9 @@ from rich.text import Text
 from modes.common import fmt_bytes
 
 NAV = "n next chapter · b back · q quit"
+PROGRESS_FORMAT = "nano-vllm-py tutorial progress"     # the marker that says a file is the tutorial's own
 PROGRESS_VERSION = 1
+PROGRESS_MAX_BYTES = 1 << 20                              # ours are ~1 KB: anything bigger is someone else's
 DEFAULT_HUB_MODEL = "Qwen/Qwen3-0.6B"     # run.py's default --model: the tutorial uses `tiny` instead
 
 
@@ -1512,8 +1517,9 @@ class Progress:
     finished: bool = False
 
     def to_json(self) -> dict:
-        return {"version": PROGRESS_VERSION, "current": self.current, "done": sorted(set(self.done)),
-                "scores": {str(k): v for k, v in sorted(self.scores.items())}, "finished": self.finished}
+        return {"format": PROGRESS_FORMAT, "version": PROGRESS_VERSION, "current": self.current,
+                "done": sorted(set(self.done)), "scores": {str(k): v for k, v in sorted(self.scores.items())},
+                "finished": self.finished}
 
     @classmethod
     def from_json(cls, doc) -> "Progress":
@@ -1538,50 +1544,169 @@ class Progress:
         return cls(current, sorted(set(done)), parsed, bool(doc.get("finished", False)))
 
 
+class ProgressFileError(ValueError):
+    """The progress file's path holds something the tutorial did not write: it is refused, untouched.
+    A ValueError, like run.py's other bad input: one `error:` line, exit 2."""
+
+
+class NotOurs(Exception):
+    """Internal: why the thing at the progress path is not a progress file the tutorial wrote."""
+
+
+NOT_OURS = "is not a progress file written by the tutorial"
+LEGACY_KEYS = {"version", "current", "done", "scores", "finished"}     # files written before the marker
+
+
+def file_identity(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def examine_progress_file(path: str) -> tuple[dict | None, os.stat_result | None]:
+    """(its JSON document, its stat) when `path` holds a progress file the tutorial wrote; (None, None)
+    when nothing is there. Raises NotOurs for anything else, without writing, and without opening what
+    is not a regular file (opening a FIFO would block, a device could be anything). Ours: JSON with
+    "format": PROGRESS_FORMAT (any version, any content), or a version-1 file from before the marker
+    that is exactly valid progress."""
+    try:
+        st = os.stat(path)                                  # a symlink is followed: its target is the file
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None
+    except OSError as e:
+        raise NotOurs(f"cannot be checked ({e.strerror or e})") from None
+    if not stat_mod.S_ISREG(st.st_mode):
+        raise NotOurs("is not a regular file")
+    if st.st_size > PROGRESS_MAX_BYTES:
+        raise NotOurs(f"{NOT_OURS} (it is {st.st_size:,} bytes)")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())                       # what was opened, not what was stat'ed before
+            if not stat_mod.S_ISREG(st.st_mode):
+                raise NotOurs("is not a regular file")
+            data = f.read(PROGRESS_MAX_BYTES + 1)
+    except OSError as e:
+        raise NotOurs(f"cannot be read ({e.strerror or e})") from None
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise NotOurs(f"{NOT_OURS} (not JSON)") from None
+    if isinstance(doc, dict) and doc.get("format") == PROGRESS_FORMAT:
+        return doc, st
+    if isinstance(doc, dict) and "current" in doc and set(doc) <= LEGACY_KEYS:
+        try:
+            Progress.from_json(doc)
+            return doc, st
+        except ValueError:
+            pass
+    raise NotOurs(f'{NOT_OURS} (no "format": "{PROGRESS_FORMAT}" in it)')
+
+
 class ProgressStore:
-    """Loads and saves Progress; never raises: problems become one warning line on stderr."""
+    """Loads and saves Progress. The file is only ever replaced when it is one the tutorial wrote:
+    anything else at the path is refused (ProgressFileError) and left untouched. A file that cannot be
+    saved (a folder that cannot be written) gives one warning and the course goes on without saving."""
 
     def __init__(self, path: str | None):
+        self.explicit = bool(path)
         self.path = path or default_progress_path()
         self.can_write = True
+        self.seen: tuple | None = None        # file_identity of the file as last read or written (ours)
 
     def warn(self, msg: str) -> None:
         print(f"warning: {msg}", file=sys.stderr, flush=True)
 
+    def name(self) -> str:
+        return f"--progress-file {self.path}" if self.explicit else f"tutorial progress file {self.path}"
+
     def load(self) -> tuple[Progress, bool]:
-        """(progress, whether it came from the file)."""
-        if not os.path.exists(self.path):
+        """(progress, whether it came from the file). Raises ProgressFileError when the path holds
+        something the tutorial did not write; a file of ours that makes no sense gives one warning and
+        a fresh start (it is replaced), one written by another version is kept and nothing is saved."""
+        try:
+            doc, st = examine_progress_file(self.path)
+        except NotOurs as e:
+            hint = "name another file" if self.explicit else "move it away or pass --progress-file FILE"
+            raise ProgressFileError(f"{self.name()} {e}; it is left untouched ({hint})") from None
+        if doc is None:
+            return Progress(), False
+        self.seen = file_identity(st)
+        version = doc.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and version != PROGRESS_VERSION:
+            self.can_write = False
+            self.warn(f"{self.name()} was written by another version of the tutorial (version "
+                      f"{doc.get('version')!r}); it is left as it is and progress will not be saved")
             return Progress(), False
         try:
-            with open(self.path, encoding="utf-8") as f:
-                return Progress.from_json(json.load(f)), True
-        except (OSError, UnicodeDecodeError, ValueError) as e:    # JSONDecodeError is a ValueError
+            return Progress.from_json(doc), True
+        except ValueError as e:
             reason = " ".join(str(e).split()) or type(e).__name__
             self.warn(f"cannot use tutorial progress file {self.path} ({reason}); starting fresh")
             return Progress(), False
 
     def save(self, progress: Progress) -> None:
-        """Atomically: write a temporary file next to it, then rename over it."""
+        """Atomically: write a temporary file in the same folder, then rename it over the file. The
+        file's permission bits (and owner, where allowed) are kept; a new file gets 0o644 less the
+        umask. A file that something else put there since it was last read or written is checked again
+        and, if it is not ours, left alone (one warning, no more saving)."""
         if not self.can_write:
             return
         try:
-            folder = os.path.dirname(os.path.abspath(self.path))
+            target = os.path.realpath(self.path)         # a symlink stays: the file it points to is replaced
+            folder = os.path.dirname(target)
             os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tutorial-", suffix=".tmp", dir=folder)
             try:
+                st = os.stat(target)
+            except FileNotFoundError:
+                st = None
+            if st is not None and file_identity(st) != self.seen:
+                try:
+                    _, st = examine_progress_file(target)
+                except NotOurs as e:
+                    self.can_write = False
+                    self.warn(f"{self.name()} was changed by something else and {e}; it is left untouched and "
+                              "progress will not be saved")
+                    return
+            fd, tmp = self._temp_file(folder)
+            try:
+                if st is not None:
+                    os.fchmod(fd, stat_mod.S_IMODE(st.st_mode))
+                    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                        try:
+                            os.fchown(fd, st.st_uid, st.st_gid)
+                        except OSError:
+                            pass
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     json.dump(progress.to_json(), f, indent=2)
                     f.write("\n")
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, self.path)
+                os.replace(tmp, target)
+                self.seen = file_identity(os.stat(target))
             except BaseException:
-                if os.path.exists(tmp):
+                try:
                     os.unlink(tmp)
+                except OSError:
+                    pass
                 raise
         except OSError as e:
             self.can_write = False
             self.warn(f"cannot save tutorial progress to {self.path} ({e.strerror or e}); progress will not be kept")
+
+    @staticmethod
+    def _temp_file(folder: str) -> tuple[int, str]:
+        """A new file in `folder`, created with mode 0o644 (the umask applies): (fd, path)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        for _ in range(100):
+            tmp = os.path.join(folder, f".tutorial-{os.getpid()}-{os.urandom(4).hex()}.tmp")
+            try:
+                return os.open(tmp, flags, 0o644), tmp
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"no free temporary file name in {folder}")
+
+    def saved_note(self) -> str:
+        """The end-of-run line's first words: where progress went, or that it was not kept."""
+        return f"Progress saved to {self.path}" if self.can_write else "Progress was not saved (see the warning above)"
 
 
 # ----------------------------------------------------------------------------- running the course
@@ -1627,18 +1752,41 @@ class Navigate(Exception):
         self.target = target
 
 
+def read_line() -> str | None:
+    """One line of stdin; None at its end. No stdin at all (`<&-` makes sys.stdin None), a closed one
+    or one that fails to read (EIO once the terminal is gone) count as the end; a line that is not
+    UTF-8 comes back as text that answers nothing (it is asked again)."""
+    stdin = sys.stdin
+    if stdin is None or getattr(stdin, "closed", False):
+        return None
+    try:
+        line = stdin.readline()
+    except UnicodeDecodeError:
+        return "?\n"
+    except (OSError, ValueError):                       # ValueError: I/O operation on closed file
+        return None
+    return line or None
+
+
+def stdin_is_a_terminal() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (OSError, ValueError):
+        return False
+
+
 def read_answer(console: Console, prompt: str, allow_numbers: bool, chapter: int) -> str:
     """One line from stdin: '1'..'4' (when allowed), 'n', 'b', 'q' or '' (Enter). End of input is 'q'.
     Navigation raises Navigate / Quit; anything else is asked again."""
     while True:
         console.print(Text(prompt, style="bold"), end="")
         console.file.flush()
-        line = sys.stdin.readline()
-        if line == "":                                      # end of input
+        line = read_line()
+        if line is None:                                    # end of input (or no input at all)
             console.print()
             raise Quit()
         answer = line.strip().lower()
-        if not sys.stdin.isatty():                          # scripted: show what was read
+        if not stdin_is_a_terminal():                       # scripted: show what was read
             console.print(Text(answer))
         if answer in ("q", "quit", "exit"):
             raise Quit()
@@ -1720,7 +1868,7 @@ def run_course(L: Lesson, store: ProgressStore, progress: Progress, start: int) 
                 total = sum(s["correct"] for s in progress.scores.values())
                 out_of = sum(s["total"] for s in progress.scores.values())
                 L.say(f"Course complete: {len(progress.done)}/{n} chapters, {total}/{out_of} answers right. "
-                      f"Progress saved to {store.path}.", "bold green")
+                      f"{store.saved_note()}.", "bold green")
                 return 0
             progress.current = chapter + 1
             store.save(progress)
@@ -1729,30 +1877,39 @@ def run_course(L: Lesson, store: ProgressStore, progress: Progress, start: int) 
         except Navigate as nav:
             if nav.target > n:                              # `n` in the last chapter: stop here
                 store.save(progress)
-                L.say(f"This is the last chapter. Progress saved to {store.path}.", "bold")
+                L.say(f"This is the last chapter. {store.saved_note()}.", "bold")
                 return 0
             chapter = nav.target
         except Quit:
             store.save(progress)
-            L.say(f"Progress saved to {store.path}: next time `python run.py --tutorial` resumes at "
-                  f"chapter {progress.current} ({CHAPTERS[progress.current - 1].title}).", "bold")
+            if store.can_write:
+                L.say(f"{store.saved_note()}: next time `python run.py --tutorial` resumes at "
+                      f"chapter {progress.current} ({CHAPTERS[progress.current - 1].title}).", "bold")
+            else:
+                L.say(f"{store.saved_note()}.", "bold")
             return 0
 
 
 def main(args) -> int:
-    """run.py --tutorial. Returns the exit code (0; 2 for a bad --chapter; 130 on Ctrl-C, progress saved)."""
-    return course(args)[0]
+    """run.py --tutorial. Returns the exit code: 0; 2 for a bad --chapter or a --progress-file the tutorial
+    did not write (one `error:` line, the file untouched); 130 on Ctrl-C, progress saved."""
+    try:
+        return course(args)[0]
+    except ProgressFileError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 def course(args, console: Console | None = None) -> tuple[int, "Lesson | None"]:
-    """The tutorial, reading answers from stdin; returns (exit code, the lesson with its demos' facts)."""
+    """The tutorial, reading answers from stdin; returns (exit code, the lesson with its demos' facts).
+    Raises ProgressFileError (a ValueError) when the progress path holds something not ours."""
     console = console or Console(highlight=False)
-    store = ProgressStore(getattr(args, "progress_file", None))
-    progress, resumed = store.load()
     start = getattr(args, "chapter", None)
     if start is not None and not 1 <= start <= len(CHAPTERS):
         print(f"error: --chapter must be between 1 and {len(CHAPTERS)}, got {start}", file=sys.stderr)
         return 2, None
+    store = ProgressStore(getattr(args, "progress_file", None))
+    progress, resumed = store.load()               # before anything is loaded: a refusal is immediate
     if start is None:
         if progress.finished:
             console.print(Text("You finished the course before; starting again at chapter 1 (scores are kept).",
@@ -1768,5 +1925,6 @@ def course(args, console: Console | None = None) -> tuple[int, "Lesson | None"]:
         return run_course(lesson, store, progress, start), lesson
     except KeyboardInterrupt:
         store.save(progress)
-        console.print(Text(f"\ninterrupted; progress saved to {store.path}", style="bold"))
+        note = store.saved_note()
+        console.print(Text(f"\ninterrupted; {note[0].lower()}{note[1:]}", style="bold"))
         return 130, lesson

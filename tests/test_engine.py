@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import HAS_COMPILER, built_cpu_extension, hf_saved_checkpoint, load
-from nano_kernels.linear import GEMVLinear, OneDNNLinear, SmallBatchLinear
+from nano_kernels.linear import GEMVLinear, OneDNNLinear, PackedLinear, SmallBatchLinear
 from nano_kernels.memory import HUGE_PAGE
 from nano_kernels.norm import FusedNormRoPEAttention, FusedRMSNorm
 
@@ -273,7 +273,8 @@ def test_bf16_engine_uses_onednn_and_keeps_the_model_s_predictions(folders):
     fp32 model: the engine's bf16 logits are as close to it as the plain bf16 model's (on average,
     within 25%), and give its top-1 token as often (give or take one position)."""
     eng = engine(folders["tiny"], dtype="bfloat16")
-    assert isinstance(batched(eng.model.model.layers[0].mlp.up_proj), OneDNNLinear)
+    assert isinstance(batched(eng.model.model.layers[0].mlp.up_proj), PackedLinear)     # oneDNN, its packed copy
+    assert isinstance(batched(eng.model.lm_head), OneDNNLinear)                          # the lm_head: no copy
     plain, exact = M.load_model(folders["tiny"], torch.bfloat16), M.load_model(folders["tiny"], torch.float32)
     logits = lambda model, ids: model.compute_logits(model(ids, torch.arange(len(ids)))).float()   # noqa: E731
     for ids in (torch.tensor(prompts()[6]), torch.tensor(prompts()[6][:2])):     # 33 rows: oneDNN; 2: the GEMV kernel

@@ -5,7 +5,13 @@ with the kernels, the huge-page memory, and what happens where the C++ cannot be
 Where a C++ compiler is present the extension must build (an assertion, not a skip); the bf16
 prompt kernel's tests skip only on a CPU without AVX512-BF16 (the extension has it only there)."""
 import copy
+import fcntl
 import mmap
+import os
+import shutil
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +21,7 @@ import torch.nn.functional as F
 import nano_kernels
 import nano_kernels.attention as A
 import nano_kernels.extension as X
-from conftest import HAS_COMPILER, NEEDS_COMPILER, built_cpu_extension, load
+from conftest import HAS_COMPILER, NEEDS_COMPILER, ROOT, built_cpu_extension, load
 from nano_kernels.linear import GEMVLinear, OneDNNLinear, SmallBatchLinear, use_cpu_linear_kernels
 from nano_kernels.memory import HUGE_PAGE, huge_page_allocator, huge_page_zeros
 from nano_kernels.norm import FusedNormRoPEAttention, FusedRMSNorm, use_cpu_norm_kernel
@@ -60,6 +66,110 @@ def test_without_the_extension_no_fast_path_is_plugged_in(no_extension):
     assert not any(isinstance(m, (GEMVLinear, FusedRMSNorm, FusedNormRoPEAttention)) for m in model.modules())
     assert A.cpu_attention(16, 8, 128, 16, torch.bfloat16, torch.device("cpu")) is None
     assert not use_cpu_norm_kernel(M.Qwen3ForCausalLM(M.PRESETS["tiny"]), torch.float32)
+
+
+def processes_in(folder) -> list[str]:
+    """Processes (other than zombies) working in `folder` or naming it on their command line: a
+    build's child, its ninja, its compilers."""
+    folder, found = str(folder), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:                                   # gone, a zombie, not ours to read
+            continue
+        if cwd.startswith(folder) or folder in cmdline:
+            found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
+@NEEDS_COMPILER
+def test_a_stale_torch_lock_does_not_block_the_next_build(tmp_path):
+    """A build killed half-way leaves torch's `lock` file in its folder; torch alone would wait on
+    it forever. The next process (here: the built extension's folder copied, with a `lock`) loads."""
+    built_cpu_extension()
+    from torch.utils import cpp_extension
+    name = X.extension_name()
+    built = cpp_extension._get_build_directory(name, verbose=False)
+    with open(os.path.join(built, "build.flock"), "w") as guard:       # no build under way while it is copied
+        X.take_lock(guard, 300)
+        shutil.copytree(built, tmp_path / name, ignore=shutil.ignore_patterns("lock", "build.flock", "*.tmp"))
+    (tmp_path / name / "lock").write_text("")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", "from nano_kernels.extension import cpu_extension\n"
+                           "assert cpu_extension() is not None and hasattr(cpu_extension(), 'gemv')"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "could not be built" not in done.stderr and "building" not in done.stderr    # loaded, not rebuilt
+    assert not (tmp_path / name / "lock").exists()
+
+
+@pytest.mark.parametrize("bound", [0.01, pytest.param(10, marks=NEEDS_COMPILER)])
+def test_a_build_past_its_bound_falls_back_with_a_warning(bound, tmp_path, monkeypatch, capsys):
+    """NANO_VLLM_BUILD_TIMEOUT bounds a build: past it, one warning and None, and nothing of the
+    build is left running: 0.01 s stops the child as it starts, 10 s stops ninja and the compilers
+    mid-build."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("NANO_VLLM_BUILD_TIMEOUT", str(bound))
+    start = time.monotonic()
+    with pytest.warns(UserWarning, match=f"did not finish within {bound:g} s") as warned:
+        assert X.cpu_extension.__wrapped__() is None
+    assert len(warned) == 1
+    assert time.monotonic() - start < bound + 30                     # the child starts (~s) and is stopped in <= 5 s
+    assert "building nano_kernels/csrc" in capsys.readouterr().err
+    deadline = time.monotonic() + 5                                   # compilers take ninja's SIGTERM as it exits
+    while processes_in(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_in(tmp_path) == []
+    assert not (tmp_path / X.extension_name() / f"{X.extension_name()}.so").exists()
+
+
+def test_waiting_for_another_build_is_bounded(tmp_path, monkeypatch, capsys):
+    """Another process holds the build folder's flock (a live build): this one waits at most the
+    bound, then falls back with one warning."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("NANO_VLLM_BUILD_TIMEOUT", "0.3")
+    folder = tmp_path / X.extension_name()
+    folder.mkdir()
+    with open(folder / "build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.warns(UserWarning, match="another process held its build folder for over 0.3 s") as warned:
+            assert X.cpu_extension.__wrapped__() is None
+    assert len(warned) == 1
+    assert "waiting for another process's build" in capsys.readouterr().err
+    assert not list(folder.glob("*.so"))
+
+
+def test_build_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("NANO_VLLM_BUILD_TIMEOUT", raising=False)
+    assert X.build_timeout() == 600
+    monkeypatch.setenv("NANO_VLLM_BUILD_TIMEOUT", "42.5")
+    assert X.build_timeout() == 42.5
+    for bad in ("", "soon", "0", "-1", "inf", "nan"):
+        monkeypatch.setenv("NANO_VLLM_BUILD_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="NANO_VLLM_BUILD_TIMEOUT"):
+            X.build_timeout()
+
+
+def test_a_library_is_rebuilt_when_stale_or_built_with_another_key(tmp_path):
+    """No library, a source newer than it, or another build.key (another torch, Python, flags):
+    a build (then of every object: ninja would only relink objects of another torch). No key
+    (a folder from before keys): trusted, as torch itself does."""
+    name = "nano_vllm_cpu_test"
+    library, obj, key = tmp_path / f"{name}.so", tmp_path / "gemv.o", tmp_path / "build.key"
+    assert X.needs_build(str(tmp_path), name, "k")
+    library.write_bytes(b"")
+    obj.write_bytes(b"")
+    assert not X.needs_build(str(tmp_path), name, "k")
+    key.write_text("k")
+    assert not X.needs_build(str(tmp_path), name, "k")
+    os.utime(library, (0, 0))                                         # older than the sources
+    assert X.needs_build(str(tmp_path), name, "k") and library.exists()
+    os.utime(library)
+    key.write_text("built by another torch")
+    assert X.needs_build(str(tmp_path), name, "k")
+    assert not library.exists() and not obj.exists()
 
 
 @NEEDS_COMPILER

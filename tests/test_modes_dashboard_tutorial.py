@@ -475,17 +475,24 @@ def test_finished_course_starts_over_and_keeps_scores(monkeypatch, capsys, tmp_p
     scores = {str(c): {"correct": 3, "total": 3} for c in range(1, 13)}
     path.write_text(json.dumps({"version": 1, "current": 12, "done": list(range(1, 13)), "scores": scores,
                                 "finished": True}))
-    code, out, err, _ = tutorial(monkeypatch, capsys, tmp_path, "q\n")
+    code, out, err, _ = tutorial(monkeypatch, capsys, tmp_path, "q\n")             # a file from before the marker
     assert code == 0 and "starting again at chapter 1" in out and "Chapter 1/12: Welcome" in out
     doc = json.loads(path.read_text())
     assert doc["current"] == 1 and doc["scores"] == scores and doc["done"] == list(range(1, 13))
+    assert doc["format"] == T.PROGRESS_FORMAT                                       # rewritten with the marker
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b'{"version": 1, "current": 99}',
-                                     b"[1, 2, 3]", b'{"version": 1, "current": 2, "scores": {"2": {"correct": 5, "total": 3}}}'])
+MARK = f'"format": "{T.PROGRESS_FORMAT}", '
+
+
+@pytest.mark.parametrize("content", ["{" + MARK[:-2] + "}", "{" + MARK + '"version": 1, "current": 99}',
+                                     "{" + MARK + '"version": 1}', "{" + MARK + '"version": "1", "current": 2}',
+                                     "{" + MARK + '"version": 1, "current": 2, "scores": {"2": {"correct": 5, "total": 3}}}'])
 def test_corrupt_progress_file_warns_once_and_starts_fresh(tmp_path, content):
+    """A file of ours (it has the marker) that makes no sense: one warning, a fresh start. Anything without
+    the marker is not ours and is refused (tests/test_tutorial_progress.py)."""
     path = tmp_path / "p.json"
-    path.write_bytes(content)
+    path.write_text(content)
     store = T.ProgressStore(str(path))
     err = io.StringIO()
     old, sys.stderr = sys.stderr, err
@@ -496,22 +503,25 @@ def test_corrupt_progress_file_warns_once_and_starts_fresh(tmp_path, content):
     assert (progress.current, progress.done, progress.scores, resumed) == (1, [], {}, False)
     lines = err.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: cannot use tutorial progress file")
+    assert store.can_write                                                          # ours: it may be replaced
 
 
-def test_corrupt_or_unreadable_file_end_to_end(monkeypatch, capsys, tmp_path, tiny):
-    (tmp_path / "progress.json").write_text("{ this is not json")
+def test_corrupt_or_unusable_file_end_to_end(monkeypatch, capsys, tmp_path, tiny):
+    (tmp_path / "progress.json").write_text("{" + MARK + '"version": 1, "current": "three"}')
     code, out, err, path = tutorial(monkeypatch, capsys, tmp_path, "q\n")
     assert code == 0 and "Traceback" not in err
     assert err.count("warning:") == 1 and "starting fresh" in err
     assert "Chapter 1/12: Welcome" in out
-    assert json.loads(path.read_text())["version"] == 1                            # replaced by a good one
-    # a folder where the file should be: unreadable and unwritable, still no crash
+    assert json.loads(path.read_text())["current"] == 1                            # replaced by a good one
+    # a folder where the file should be: not a regular file, refused before anything runs
     monkeypatch.setattr(sys, "stdin", io.StringIO("q\n"))
     folder = tmp_path / "dir.json"
     folder.mkdir()
     code = run.main(["--tutorial", "--progress-file", str(folder), "--chapter", "3"])
     out, err = capsys.readouterr()
-    assert code == 0 and "Traceback" not in err and err.count("warning:") == 2     # cannot read, cannot save
+    assert code == 2 and "Traceback" not in err and "Chapter" not in out
+    assert err.splitlines() == [err.strip()] and err.startswith("error: --progress-file")
+    assert "is not a regular file" in err and os.listdir(folder) == []
 
 
 def test_progress_is_written_atomically(tmp_path, monkeypatch):

@@ -99,7 +99,7 @@ def broken_folder(tmp_path, tiny, kind):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--prompt", ""], "--prompt #1 is empty"),
+    (["--prompt", ""], "prompt #1: the prompt is empty"),
     (["--max-tokens", "0"], "--max-tokens must be a positive integer, got 0"),
     (["--max-tokens", "-3"], "got -3"),
     (["--temperature", "-0.5"], "temperature"),
@@ -126,8 +126,13 @@ def test_too_long_prompt_is_rejected_alone(capsys, tiny):
     code, out, err = cli(capsys, "--model", "tiny", "--raw", "--max-model-len", "16", "--max-tokens", "3",
                          "--prompt", "x " * 40, "--prompt", "short", "--output", "json", "--ignore-eos")
     assert code == 2 and "prompt #1" in err
-    doc = json.loads(out)
-    assert [r["prompt"] for r in doc["requests"]] == ["short"] and len(doc["requests"][0]["token_ids"]) == 3
+    doc = json.loads(out)                     # the refused prompt keeps its place, with its error and no tokens
+    assert [r["prompt"] for r in doc["requests"]] == ["x " * 40, "short"]
+    refused, served = doc["requests"]
+    assert refused == {"prompt": "x " * 40, "prompt_token_ids": [], "token_ids": [], "text": "",
+                       "finish_reason": None, "error": refused["error"]}
+    assert "max_model_len is 16" in refused["error"] and "error" not in served
+    assert len(served["token_ids"]) == 3 and served["finish_reason"] == "length"
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
@@ -144,4 +149,4 @@ def test_kv_pool_sized_in_gib(capsys, tiny):
     assert code == 0
     assert json.loads(out)["stats"]["kv_blocks_total"] == int(0.01 * 2**30 // (cfg.kv_bytes_per_token(torch.float32) * 16))
     code, _, err = cli(capsys, "--model", "tiny", "--kv-cache-memory-gb", "-1")
-    assert code == 2 and "--kv-cache-memory-gb must be a positive number, got -1.0" in err
+    assert code == 2 and "--kv-cache-memory-gb must be a finite positive number, got -1.0" in err
