@@ -19,7 +19,6 @@ E = load("engine")
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
-    pytest.importorskip("transformers")
     return {"tiny": M.make_random_checkpoint(str(root / "tiny"), "tiny", seed=7, dtype="float32"),
             "hf-saved": hf_saved_checkpoint(str(root / "hf"), "tiny-untied", seed=11)}
 

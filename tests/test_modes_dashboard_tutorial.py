@@ -548,8 +548,6 @@ def test_bad_chapter_exits_2(monkeypatch, capsys, tmp_path):
 
 
 def test_tutorial_demos_with_narrate_and_xray(monkeypatch, capsys, tmp_path, tiny):
-    pytest.importorskip("modes.narrator")
-    pytest.importorskip("modes.xray")
     code, out, err, _ = tutorial(monkeypatch, capsys, tmp_path, "q\n", "--chapter", "8", "--narrate", "--xray")
     assert code == 0 and "Traceback" not in err
     demo = out[out.index("Live demo"):]
