@@ -49,7 +49,7 @@ import torch
 
 import nano_kernels
 from nano_kernels.attention import StepAttention
-from nano_kernels.memory import huge_page_zeros, keep_freed_memory_mapped
+from nano_kernels.memory import check_fits, huge_page_zeros, keep_freed_memory_mapped
 
 tokenize = importlib.import_module("01_tokenize")
 qwen3 = importlib.import_module("02_model")
@@ -157,7 +157,8 @@ class LLMEngine:
         # CUDA graphs pad decode batches with rows that write to one extra scratch block
         self.kv_cache = paged.allocate_kv_cache(mc, self.num_kv_blocks + cuda_graphs, config.block_size,
                                                 self.dtype, "meta" if cpu else self.device)
-        if cpu:   # the pool on 2 MiB pages: its blocks are gathered from all over it
+        if cpu:   # the pool on 2 MiB pages (its blocks are gathered from all over it), if the memory is there
+            check_fits(self.kv_cache_bytes, "the KV pool", "lower --kv-cache-memory-gb or --num-kv-blocks")
             self.kv_cache = huge_page_zeros(self.kv_cache.shape, self.dtype)
         backend = self.fast.attention or paged.TORCH_SDPA
         self.block_manager = paged.BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)

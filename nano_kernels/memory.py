@@ -57,6 +57,24 @@ def huge_page_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
     return raw.view(dtype).view(shape).zero_()
 
 
+def available_memory_bytes() -> int | None:
+    """What Linux says can still be allocated without swapping (MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_fits(nbytes: int, what: str, change: str) -> None:
+    """A ValueError saying what to change where nbytes is more than the memory available now, so a
+    run too big for the machine stops with a sentence instead of the allocator's ENOMEM."""
+    free = available_memory_bytes()
+    if free is not None and nbytes > free:
+        raise ValueError(f"{what} would take {nbytes / 2**30:.2f} GiB, but {free / 2**30:.2f} GiB of memory is "
+                         f"available: {change}")
+
+
 def huge_page_allocator(shared: bool = True):
     """An `allocate` for 02_model.load_model: every weight in one huge-page buffer, each 64-byte
     (cache-line) aligned. shared=False: each matrix of 2 MiB or more in a buffer of its own, the
@@ -65,6 +83,7 @@ def huge_page_allocator(shared: bool = True):
     def allocate(shapes: dict[str, torch.Size], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         elem = torch.empty((), dtype=dtype).element_size()
         nbytes = {name: math.prod(shape) * elem for name, shape in shapes.items()}
+        check_fits(sum(nbytes.values()), "the model's weights", "choose a smaller model or --dtype")
         if not shared:
             return {name: huge_page_zeros(shape, dtype) if nbytes[name] >= HUGE_PAGE else torch.empty(shape, dtype=dtype)
                     for name, shape in shapes.items()}

@@ -107,3 +107,20 @@ def test_banner_names_the_weights_and_the_pool():
     per_block = cfg.kv_bytes_per_token(torch.float32) * 16
     blocks = int(0.5 * 2**30 // per_block)
     assert f"weights {fmt(weights)}, KV pool {fmt(blocks * per_block)} ({blocks} blocks of 16 tokens" in banner, banner
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/meminfo (Linux)")
+@pytest.mark.parametrize("flags", [["--kv-cache-memory-gb", "1e6"], ["--num-kv-blocks", str(2**31 - 1)]])
+def test_a_pool_larger_than_the_memory_is_refused_before_allocating(flags):
+    out = subprocess.run([sys.executable, "run.py", "--model", "tiny", "--dtype", "float32", *flags],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    error = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "the KV pool would take" in error[0] and "--kv-cache-memory-gb" in error[0], out.stderr
+
+
+def test_weights_larger_than_the_memory_are_refused_before_allocating(monkeypatch):
+    memory = load("nano_kernels.memory")
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 2**20)
+    with pytest.raises(ValueError, match="the model.s weights would take .* GiB of memory is available"):
+        memory.huge_page_allocator()({"w": torch.Size([1024, 1024])}, torch.float32)
