@@ -378,7 +378,8 @@ def read_safetensors(path: str, destination):
 def load_model(path: str, dtype: torch.dtype = torch.float32, device="cpu", allocate=None) -> Qwen3ForCausalLM:
     """Build the model from a local HF folder, checking every tensor's name and shape. Built on the meta
     device (shapes, no memory); the weights are allocated once, by allocate(shapes, dtype) -> {name: tensor}
-    (the engine's huge pages) or torch.empty, and read into place: peak memory is the weights + one buffer."""
+    (which then decides where they live: the engine's huge pages) or torch.empty on `device`, and read into
+    place: peak memory is the weights + one buffer."""
     cfg = load_config(path)
     size = sum(map(os.path.getsize, safetensors_files(path)))   # a byte a weight at least: refuse a far too big config
     if (cfg.vocab_size + cfg.num_hidden_layers * (cfg.head_dim + cfg.intermediate_size)) * cfg.hidden_size > size:

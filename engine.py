@@ -412,7 +412,7 @@ class LLMEngine:
             for out in self.step():
                 stops = [] if out.finished else self._requests[out.request_id][0].sampling.stop
                 text = out.text if out.finished else out.text.rstrip("\ufffd")
-                text = text[:len(text) - max([n for s in stops for n in range(len(s)) if text.endswith(s[:n])] or [0])]
+                text = text[:len(text) - max([n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])] or [0])]
                 start = shown.get(out.request_id, 0)
                 shown[out.request_id] = max(start, len(text))
                 yield text[start:], out
@@ -464,7 +464,7 @@ class ModelRunner:
             options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
             self.compiled = torch.compile(model, dynamic=dynamic, options=options)
             self.compiled_logits = torch.compile(model.compute_logits, dynamic=dynamic, options=options)
-        # the last block of the pool is the CUDA graphs' scratch block (see allocate in LLMEngine)
+        # the last block of the pool is the CUDA graphs' scratch block (LLMEngine allocates num_kv_blocks + 1)
         self.graph_decoder = CUDAGraphDecoder(model, kv_cache, block_manager.block_size, max_blocks_per_seq,
                                               max_num_seqs, kv_cache.shape[2] - 1, capture=True,
                                               forward=self.run_compiled if compile else None) \

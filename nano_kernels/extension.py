@@ -183,7 +183,7 @@ def build(name: str | None = None, build_directory: str | None = None):
             os.remove(stale)
         if needs_build(folder, name, key):
             print(f"building nano_kernels/csrc ({len(sources)} C++ files, one extension) for this CPU "
-                  f"({torch.backends.cpu.get_cpu_capability()}); once per machine, ~1 min ...", file=sys.stderr, flush=True)
+                  f"({torch.backends.cpu.get_cpu_capability()}); once per machine, a minute or less ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
             build_in_child(arguments, timeout, guard)
             print(f"built nano_kernels/csrc in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
